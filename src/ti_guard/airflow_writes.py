@@ -1,0 +1,52 @@
+"""The UPDATEs Airflow 3.3.2 issues on task_instance (see shared airflow-facts), as Core statements.
+
+Used by the demo, the tests and the race harness, so that all of them replay the same writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def key_of(table: sa.Table, dag_id, task_id, run_id, map_index=-1):
+    return sa.and_(table.c.dag_id == dag_id, table.c.task_id == task_id, table.c.run_id == run_id, table.c.map_index == map_index)
+
+
+def worker_start(table: sa.Table, key, when=None):
+    """`ti_run`: queued -> running; start_date replaced, end_date cleared."""
+    when = when or now()
+    return sa.update(table).where(key).values(state="running", start_date=when, end_date=None, last_heartbeat_at=when)
+
+
+def heartbeat(table: sa.Table, key, when=None):
+    """`ti_heartbeat`: no state change."""
+    return sa.update(table).where(key).values(last_heartbeat_at=when or now())
+
+
+def finish(table: sa.Table, key, state: str, when=None):
+    """`ti_update_state`: the attempt finishing itself (success, failed or skipped); start_date untouched."""
+    return sa.update(table).where(key).values(state=state, end_date=when or now(), next_method=None, next_kwargs=None)
+
+
+def racy_skip(table: sa.Table, dag_id, run_id, task_keys, when=None):
+    """The pre-fix `ti_skip_downstream` / `SkipMixin._set_state_to_skipped`: no guard on the current state."""
+    when = when or now()
+    return (
+        sa.update(table)
+        .where(table.c.dag_id == dag_id, table.c.run_id == run_id, sa.tuple_(table.c.task_id, table.c.map_index).in_(list(task_keys)))
+        .values(state="skipped", start_date=when, end_date=when)
+    )
+
+
+def operator_mark(table: sa.Table, key, state: str, when=None):
+    """`TaskInstance.set_state` through the ORM: start_date kept when set, end_date set when missing."""
+    when = when or now()
+    return sa.update(table).where(key).values(
+        state=state, end_date=sa.func.coalesce(table.c.end_date, when)
+    )

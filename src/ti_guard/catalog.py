@@ -1,0 +1,112 @@
+"""Reads back from the catalog what the guard has installed, as objects comparable with the renderers'."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from .errors import GuardError
+from .policy import PREFIX, REQUIRED_COLUMNS, SETTINGS_TABLE, Policy
+from .render import dialect_name
+
+
+@dataclass(frozen=True)
+class Installed:
+    kind: str
+    name: str
+    definition: str
+    enabled: bool = True
+    definer: str | None = None
+
+
+def _pg_schema(conn, policy: Policy) -> str:
+    return policy.schema or conn.exec_driver_sql("SELECT current_schema()").scalar()
+
+
+def _mysql_schema(conn, policy: Policy) -> str:
+    return policy.schema or conn.exec_driver_sql("SELECT DATABASE()").scalar()
+
+
+def read(conn: sa.Connection, policy: Policy) -> dict[str, Installed]:
+    """Every ti_guard object on the policy's table (and, on PostgreSQL, its schema's functions)."""
+    dialect = dialect_name(conn.dialect.name)
+    found: list[Installed] = []
+    if dialect == "postgresql":
+        schema = _pg_schema(conn, policy)
+        rows = conn.execute(
+            sa.text(
+                "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = :schema"
+            ),
+            {"schema": schema},
+        )
+        found += [Installed("function", name, src.strip("\n")) for name, src in rows if name.startswith(PREFIX + "_")]
+        rows = conn.execute(
+            sa.text(
+                "SELECT t.tgname, p.proname, t.tgenabled FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN pg_proc p ON p.oid = t.tgfoid "
+                "WHERE NOT t.tgisinternal AND n.nspname = :schema AND c.relname = :table"
+            ),
+            {"schema": schema, "table": policy.table},
+        )
+        found += [Installed("trigger", name, fn, enabled != "D") for name, fn, enabled in rows if name.startswith(PREFIX + "_")]
+    elif dialect == "mysql":
+        rows = conn.execute(
+            sa.text(
+                "SELECT TRIGGER_NAME, ACTION_STATEMENT, DEFINER FROM information_schema.TRIGGERS "
+                "WHERE TRIGGER_SCHEMA = :schema AND EVENT_OBJECT_TABLE = :table"
+            ),
+            {"schema": _mysql_schema(conn, policy), "table": policy.table},
+        )
+        found += [Installed("trigger", name, body, True, definer) for name, body, definer in rows if name.startswith(PREFIX + "_")]
+    else:
+        rows = conn.execute(
+            sa.text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :table"),
+            {"table": policy.table},
+        )
+        found += [Installed("trigger", name, sql) for name, sql in rows if name.startswith(PREFIX + "_")]
+    return {obj.name: obj for obj in found}
+
+
+def table_columns(conn: sa.Connection, policy: Policy) -> list[str]:
+    """The table's columns in order; a clear error when it is not an Airflow task_instance."""
+    inspector = sa.inspect(conn)
+    schema = policy.schema if dialect_name(conn.dialect.name) != "sqlite" else None
+    where = f"schema {policy.schema!r}" if policy.schema else "the default schema"
+    if not inspector.has_table(policy.table, schema=schema):
+        raise GuardError(
+            f"no table {policy.table!r} in {where}: is this the Airflow metadata database? "
+            "check the URL, and the schema (--schema, TI_GUARD_SCHEMA, AIRFLOW__DATABASE__SQL_ALCHEMY_SCHEMA)"
+        )
+    columns = [c["name"] for c in inspector.get_columns(policy.table, schema=schema)]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise GuardError(
+            f"table {policy.table!r} has no column(s) {', '.join(missing)}: ti-guard needs the task_instance "
+            "of Airflow 2.3 or later; check that the URL points at the Airflow metadata database"
+        )
+    return columns
+
+
+def settings_table(policy: Policy) -> sa.Table:
+    return sa.Table(
+        SETTINGS_TABLE,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("mode", sa.String(16), nullable=False),
+        sa.Column("protect", sa.String(400), nullable=False),
+        sa.Column("guarded_table", sa.String(128), nullable=False),
+        sa.Column("definition", sa.String(200), nullable=False),
+        sa.Column("installed_at", sa.DateTime, nullable=False),
+        schema=None if policy.schema == "main" else policy.schema,
+    )
+
+
+def read_settings(conn: sa.Connection, policy: Policy) -> dict | None:
+    table = settings_table(policy)
+    if not sa.inspect(conn).has_table(table.name, schema=table.schema):
+        return None
+    row = conn.execute(sa.select(table).where(table.c.id == 1)).mappings().first()
+    return dict(row) if row else None

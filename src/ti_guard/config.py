@@ -1,0 +1,155 @@
+"""Where the URL, schema and policy come from: the first source that names one wins.
+
+URL:    --url / -x url=, TI_GUARD_URL, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (and its _CMD form),
+        [database] sql_alchemy_conn (or sql_alchemy_conn_cmd) in $AIRFLOW_HOME/airflow.cfg.
+schema: --schema / -x schema=, TI_GUARD_SCHEMA, AIRFLOW__DATABASE__SQL_ALCHEMY_SCHEMA,
+        [database] sql_alchemy_schema in airflow.cfg.
+mode:   --mode / -x mode=, TI_GUARD_MODE.  protect: --protect / -x protect=, TI_GUARD_PROTECT.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .errors import GuardError
+from .policy import Policy
+
+# Drivers Airflow URLs name that are not installed here, and the ones that serve them.
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mysql+pymysql",
+    "sqlite": "sqlite",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    url: str | None
+    policy: Policy
+    lock_timeout: float = 2.0
+    lock_retries: int = 5
+
+    @property
+    def safe_url(self) -> str:
+        return redact(self.url) if self.url else "(no URL)"
+
+
+def redact(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
+
+
+def _airflow_cfg(env) -> configparser.RawConfigParser | None:
+    home = Path(env.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    path = home / "airflow.cfg"
+    if not path.is_file():
+        return None
+    cfg = configparser.RawConfigParser(strict=False)
+    try:
+        cfg.read(path)
+    except configparser.Error as exc:
+        raise GuardError(f"cannot read {path}: {exc.message.splitlines()[0]}; fix the file or pass --url") from None
+    return cfg
+
+
+def _run_cmd(cmd: str, source: str) -> str:
+    try:
+        out = subprocess.run(shlex.split(cmd), capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise GuardError(f"{source} command failed ({exc}); fix the command or pass --url") from None
+    return out.strip()
+
+
+def _from_cfg(cfg, key: str):
+    if cfg is not None and cfg.has_option("database", key):
+        return cfg.get("database", key).strip() or None
+    return None
+
+
+def resolve_url(explicit: str | None, env=os.environ) -> str:
+    if explicit:
+        return normalize_url(explicit)
+    for name in ("TI_GUARD_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+        if env.get(name):
+            return normalize_url(env[name])
+    if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"):
+        return normalize_url(_run_cmd(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"], "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"))
+    cfg = _airflow_cfg(env)
+    if _from_cfg(cfg, "sql_alchemy_conn"):
+        return normalize_url(_from_cfg(cfg, "sql_alchemy_conn"))
+    if _from_cfg(cfg, "sql_alchemy_conn_cmd"):
+        return normalize_url(_run_cmd(_from_cfg(cfg, "sql_alchemy_conn_cmd"), "sql_alchemy_conn_cmd"))
+    raise GuardError(
+        "no database URL: pass --url (or alembic -x url=...), or set TI_GUARD_URL, "
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, or [database] sql_alchemy_conn in $AIRFLOW_HOME/airflow.cfg"
+    )
+
+
+def normalize_url(raw: str) -> str:
+    """Parse a URL and point Airflow's drivers (psycopg2, mysqldb, ...) at psycopg 3 and PyMySQL."""
+    try:
+        url = sa.engine.make_url(raw.strip())
+    except Exception:
+        raise GuardError(
+            "cannot parse the database URL: expected dialect+driver://user:password@host:port/database "
+            "(special characters in the password must be %-encoded)"
+        ) from None
+    backend = url.drivername.split("+", 1)[0].lower()
+    if backend not in _DRIVERS:
+        raise GuardError(f"unsupported database {backend!r}: ti-guard supports postgresql, mysql (or mariadb) and sqlite")
+    url = url.set(drivername=_DRIVERS[backend])
+    return url.render_as_string(hide_password=False)
+
+
+def resolve(
+    url=None,
+    schema=None,
+    mode=None,
+    protect=None,
+    table=None,
+    lock_timeout=None,
+    lock_retries=None,
+    env=os.environ,
+    need_url=True,
+) -> Settings:
+    cfg = None
+    if schema is None:
+        schema = env.get("TI_GUARD_SCHEMA") or env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_SCHEMA")
+        if schema is None:
+            cfg = _airflow_cfg(env)
+            schema = _from_cfg(cfg, "sql_alchemy_schema")
+    policy = Policy.build(
+        protect=protect if protect is not None else env.get("TI_GUARD_PROTECT"),
+        mode=mode if mode is not None else env.get("TI_GUARD_MODE"),
+        schema=schema,
+        table=table if table is not None else env.get("TI_GUARD_TABLE"),
+    )
+    return Settings(
+        url=resolve_url(url, env) if need_url else (normalize_url(url) if url else None),
+        policy=policy,
+        lock_timeout=_number(lock_timeout if lock_timeout is not None else env.get("TI_GUARD_LOCK_TIMEOUT"), 2.0, "lock timeout", float),
+        lock_retries=_number(lock_retries if lock_retries is not None else env.get("TI_GUARD_LOCK_RETRIES"), 5, "lock retries", int),
+    )
+
+
+def _number(value, default, what, kind):
+    if value is None or value == "":
+        return default
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number <= 0 or (kind is float and number > 600) or (kind is int and number > 100):
+        raise GuardError(f"invalid {what} {value!r}: give a positive number (seconds for the timeout, a count for retries)")
+    return number

@@ -1,0 +1,92 @@
+"""What migrations/env.py runs: offline and online through the same code.
+
+Settings come from the ti-guard CLI (config.attributes["ti_guard_settings"]) or, under the
+plain `alembic` command, from -x arguments and the environment. Online, a lock timeout
+makes the migration give up instead of queueing writers behind it, and it is retried.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import context
+from alembic.util import CommandError
+
+from . import config as config_mod
+from .db import lock_timeout_statement, make_engine, with_lock_retries
+from .errors import GuardError
+from .policy import VERSION_TABLE
+from .render import dialect_name
+
+
+def settings_from_context():
+    cfg = context.config
+    if cfg.attributes.get("ti_guard_settings") is not None:
+        return cfg.attributes["ti_guard_settings"], cfg.attributes.get("ti_guard_dialect")
+    x = context.get_x_argument(as_dictionary=True)
+    settings = config_mod.resolve(
+        url=x.get("url"),
+        schema=x.get("schema"),
+        mode=x.get("mode"),
+        protect=x.get("protect"),
+        table=x.get("table"),
+        lock_timeout=x.get("lock_timeout"),
+        lock_retries=x.get("lock_retries"),
+        need_url=not (context.is_offline_mode() and x.get("dialect")),
+    )
+    return settings, x.get("dialect")
+
+
+def _configure(settings, dialect: str, **kw) -> None:
+    schema = settings.policy.schema
+    context.configure(
+        version_table=VERSION_TABLE,
+        version_table_schema=None if schema in (None, "main") else schema,
+        # SQLite too keeps the install in one transaction; MySQL cannot (DDL commits).
+        transactional_ddl=dialect in ("postgresql", "sqlite"),
+        ti_guard_policy=settings.policy,
+        **kw,
+    )
+
+
+def run() -> None:
+    try:
+        settings, dialect = settings_from_context()
+        if context.is_offline_mode():
+            run_offline(settings, dialect_name(dialect or settings.url))
+        else:
+            run_online(settings)
+    except GuardError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_offline(settings, dialect: str) -> None:
+    _configure(settings, dialect, dialect_name=dialect, literal_binds=True)
+    with context.begin_transaction():
+        statement = lock_timeout_statement(dialect, settings.lock_timeout)
+        if statement:
+            context.get_context().impl.static_output(statement + ";\n")
+        context.run_migrations()
+
+
+def run_online(settings) -> None:
+    engine = make_engine(settings.url)
+    dialect = dialect_name(settings.url)
+    try:
+        with_lock_retries(engine, settings, lambda conn: _migrate(conn, settings, dialect))
+    finally:
+        engine.dispose()
+
+
+def _migrate(conn, settings, dialect: str) -> None:
+    _configure(settings, dialect, connection=conn)
+    with context.begin_transaction():
+        context.run_migrations()
+    if not context.get_context().get_current_heads():
+        # At base: remove the version table too, so that nothing of ours is left.
+        drop_version_table(conn, settings.policy)
+
+
+def drop_version_table(conn, policy) -> None:
+    schema = None if policy.schema in (None, "main") else policy.schema
+    sa.Table(VERSION_TABLE, sa.MetaData(), schema=schema).drop(conn, checkfirst=True)
+    conn.commit()

@@ -1,0 +1,90 @@
+"""Renderers: one module per backend turns a Policy into the guard's SQL objects.
+
+Each object knows its own CREATE and DROP and the text the catalog will hand back for it
+(`definition`), so `catalog.py` can compare what is installed with what should be, object
+by object. Object names end in a hash of their definition: a new definition is a new name,
+created beside the old one before the old one is dropped (MySQL DDL is not transactional,
+so that order is what keeps a guard in place at every moment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from ..errors import GuardError
+from ..policy import Policy
+
+SUPPORTED = ("postgresql", "mysql", "sqlite")
+
+
+@dataclass(frozen=True)
+class GuardObject:
+    kind: str  # "function" | "trigger"
+    name: str
+    create: str
+    drop: str
+    definition: str  # what the catalog stores for it (body or full text), compared by status
+    compound: bool = False  # has ';' inside: the mysql client needs a DELIMITER around it
+
+
+class Quoter:
+    """Identifiers and literals through SQLAlchemy's dialect, never by string formatting."""
+
+    def __init__(self, dialect: sa.engine.Dialect, policy: Policy):
+        self.dialect = dialect
+        self.prep = dialect.identifier_preparer
+        self.policy = policy
+
+    def ident(self, name: str) -> str:
+        return self.prep.quote(name)
+
+    def qualified(self, name: str) -> str:
+        if self.policy.schema:
+            return f"{self.prep.quote_schema(self.policy.schema)}.{self.prep.quote(name)}"
+        return self.prep.quote(name)
+
+    @property
+    def table(self) -> str:
+        return self.qualified(self.policy.table)
+
+    def literal(self, value: str) -> str:
+        return str(sa.literal(value, sa.String()).compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+
+    def in_list(self, values) -> str:
+        return ", ".join(self.literal(v) for v in values)
+
+
+def dialect_name(name: str) -> str:
+    base = name.split(":", 1)[0].split("+", 1)[0].lower()
+    if base in ("postgres", "postgresql"):
+        return "postgresql"
+    if base in ("mysql", "mariadb"):
+        return "mysql"
+    if base == "sqlite":
+        return "sqlite"
+    raise GuardError(f"unsupported database {base!r}: ti-guard supports postgresql, mysql (or mariadb) and sqlite")
+
+
+def render(dialect: str, policy: Policy, columns=None) -> list[GuardObject]:
+    """The guard's objects for a dialect, in creation order (functions before triggers)."""
+    from . import mysql, postgresql, sqlite
+
+    module = {"postgresql": postgresql, "mysql": mysql, "sqlite": sqlite}[dialect_name(dialect)]
+    return module.render(policy, columns)
+
+
+def column_triggers(policy: Policy, q: Quoter, same: str) -> list[tuple[str, str, str]]:
+    """(role, UPDATE OF column, WHEN condition) for backends that see which columns a statement writes.
+
+    `same` is the backend's null-safe equality, with {a} and {b} for its operands. The
+    "stamp" trigger refuses any skip of a protected row that writes start_date: the attempt
+    finishing itself never writes it, the racy skip writer always does.
+    """
+    protected = f"NEW.state = 'skipped' AND OLD.state IN ({q.in_list(policy.protect)})"
+    if "running" not in policy.protect:
+        return [("skip", "state", protected)]
+    kept = same.format(a="NEW.start_date", b="OLD.start_date")
+    self_finish = f"OLD.state = 'running' AND NEW.end_date IS NOT NULL AND {kept}"
+    return [("skip", "state", f"{protected} AND NOT ({self_finish})"), ("stamp", "start_date", protected)]

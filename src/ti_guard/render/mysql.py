@@ -1,0 +1,88 @@
+"""The guard on MySQL 8.0+ (tested on MariaDB 10.11): one BEFORE UPDATE trigger.
+
+Only syntax both servers accept: no CREATE OR REPLACE TRIGGER, no IF NOT EXISTS on
+triggers. MySQL has neither WHEN nor a column list, so the trigger body fires for every
+row of every UPDATE; it tests NEW.state first, which makes a write that is not to skipped
+as cheap as an empty trigger.
+
+MySQL cannot see which columns a statement wrote, only values. The racy skip writer stamps
+start_date and end_date with one `now`, so a skip whose end_date equals its start_date is
+not the attempt finishing itself even when a coarse clock puts that `now` on the very tick
+the task started.
+
+The bypass counts only while @ti_guard_bypass holds the current InnoDB transaction's id: a
+user variable outlives the transaction (a pooled connection keeps it), the id does not.
+InnoDB serves INFORMATION_SCHEMA.INNODB_TRX from a cache refreshed at most every 100 ms, so
+right after a commit it can still show the connection's previous transaction: the check
+waits those 100 ms once per statement (and only for a row it would otherwise refuse while
+the variable is set), then remembers the verdict for the rest of that statement.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.dialects import mysql
+
+from ..errors import GuardError
+from ..policy import Policy, short_hash
+from . import GuardObject, Quoter
+
+BYPASS_VARIABLE = "@ti_guard_bypass"
+CURRENT_TRX_ID = "SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = CONNECTION_ID()"
+INNODB_TRX_CACHE_SECONDS = 0.11
+# Within one statement NOW(6) is fixed, so this names "this bypass, this statement".
+_VERIFIED = "CONCAT(@ti_guard_bypass, '@', NOW(6))"
+# MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
+MESSAGE_LIMIT = 128
+
+
+def render(policy: Policy, columns=None) -> list[GuardObject]:
+    q = Quoter(mysql.dialect(), policy)
+    refused = f"OLD.state IN ({q.in_list(policy.protect)})"
+    if "running" in policy.protect:
+        refused += (
+            "\n            AND NOT (OLD.state = 'running' AND NEW.end_date IS NOT NULL"
+            " AND NEW.start_date <=> OLD.start_date AND NOT (NEW.end_date <=> NEW.start_date))"
+        )
+    if policy.mode == "raise":
+        action = (
+            "BEGIN\n"
+            f"                    DECLARE msg VARCHAR({MESSAGE_LIMIT});\n"
+            "                    SET msg = LEFT(CONCAT('ti_guard: refused ', OLD.state, ' -> skipped for dag_id=', OLD.dag_id,\n"
+            "                        ' task_id=', OLD.task_id, ' map_index=', OLD.map_index, ' run_id=', OLD.run_id), "
+            f"{MESSAGE_LIMIT});\n"
+            "                    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = msg;\n"
+            "                END;"
+        )
+    else:
+        if not columns:
+            raise GuardError("ignore mode on MySQL needs the table's columns (it sets every column of NEW back to OLD)")
+        action = "SET " + ",\n                    ".join(f"NEW.{q.ident(c)} = OLD.{q.ident(c)}" for c in columns) + ";"
+    body = (
+        "BEGIN\n"
+        "    IF NEW.state = 'skipped' THEN\n"
+        f"        IF {refused} THEN\n"
+        f"            IF @ti_guard_bypass IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        f"                DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
+        f"                IF @ti_guard_bypass <=> ({CURRENT_TRX_ID}) THEN\n"
+        f"                    SET @ti_guard_bypass_at = {_VERIFIED};\n"
+        "                END IF;\n"
+        "            END IF;\n"
+        f"            IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        f"                {action}\n"
+        "            END IF;\n"
+        "        END IF;\n"
+        "    END IF;\n"
+        "END"
+    )
+    tail = f"BEFORE UPDATE ON {q.table} FOR EACH ROW\n{body}"
+    name = f"ti_guard_skip_{short_hash(tail)}"
+    return [
+        GuardObject(
+            kind="trigger",
+            name=name,
+            create=f"CREATE TRIGGER {q.qualified(name)} {tail}",
+            drop=f"DROP TRIGGER IF EXISTS {q.qualified(name)}",
+            definition=body,
+            compound=True,
+        )
+    ]

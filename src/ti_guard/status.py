@@ -1,0 +1,110 @@
+"""Compares what is installed with what should be, object by object, in words and Nagios exit codes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from . import catalog
+from .installation import expected
+from .policy import VERSION_TABLE, Policy
+from .render import dialect_name
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
+
+
+@dataclass
+class Report:
+    code: int = OK
+    lines: list[str] = field(default_factory=list)
+    policy: Policy | None = None
+
+    def worse(self, code: int, line: str) -> None:
+        self.code = max(self.code, code)
+        self.lines.append(line)
+
+    @property
+    def word(self) -> str:
+        return WORDS[self.code]
+
+
+def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
+    """What a cron job wants to know: is the guard there, and is it the one that should be."""
+    report = Report()
+    columns = catalog.table_columns(conn, policy)
+    recorded = catalog.read_settings(conn, policy)
+    installed = catalog.read(conn, policy)
+    if recorded:
+        policy = Policy.build(protect=recorded["protect"], mode=recorded["mode"], schema=policy.schema, table=policy.table)
+    report.policy = policy
+    if not recorded and not installed:
+        report.worse(CRITICAL, f"no ti_guard objects on {policy.table}: run ti-guard install (or alembic upgrade head)")
+        return report
+    if not recorded:
+        report.worse(WARNING, "the settings record ti_guard_settings is missing: run ti-guard install")
+    objects = expected(conn, policy, columns)
+    for obj in objects:
+        have = installed.get(obj.name)
+        if have is None:
+            report.worse(CRITICAL, f"{obj.kind} {obj.name} is missing: {_missing_hint(conn, policy, installed)}")
+        elif have.definition != obj.definition:
+            report.worse(WARNING, f"{obj.kind} {obj.name} was changed by hand: run ti-guard install to restore it")
+        elif not have.enabled:
+            report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
+    for name, have in installed.items():
+        if name not in {o.name for o in objects}:
+            report.worse(WARNING, f"{have.kind} {name} is not part of the expected guard ({_stale_reason(conn, policy, have, columns)}): run ti-guard install")
+    if dialect_name(conn.dialect.name) == "mysql":
+        _check_definers(conn, installed, report)
+    version = _revision(conn, policy)
+    if head and version != head:
+        report.worse(WARNING, f"migration revision is {version or 'none'}, head is {head}: run ti-guard install (or alembic upgrade head)")
+    if report.code == OK:
+        report.lines.append(f"{len(objects)} object(s) on {policy.table} match {policy.describe()} (revision {version})")
+    return report
+
+
+def _missing_hint(conn, policy, installed) -> str:
+    if dialect_name(conn.dialect.name) == "sqlite" and not any(o.kind == "trigger" for o in installed.values()):
+        return f"Airflow's batch migrations re-create {policy.table} on SQLite and drop its triggers; run ti-guard install"
+    return "run ti-guard install"
+
+
+def _stale_reason(conn, policy: Policy, have, columns) -> str:
+    if dialect_name(conn.dialect.name) == "mysql" and policy.mode == "ignore":
+        restored = re.findall(r"NEW\.`?([A-Za-z0-9_]+)`? = OLD\.", have.definition)
+        if restored and restored != list(columns):
+            return "the table's columns changed since install; ignore mode restores every column"
+    return "left from another definition or setting"
+
+
+def _check_definers(conn, installed, report: Report) -> None:
+    """A MySQL trigger whose DEFINER account is gone makes every UPDATE on the table fail."""
+    for obj in installed.values():
+        if not obj.definer or "@" not in obj.definer:
+            continue
+        user, host = obj.definer.rsplit("@", 1)
+        try:
+            exists = conn.execute(
+                sa.text("SELECT COUNT(*) FROM mysql.user WHERE User = :u AND Host = :h"),
+                {"u": user.strip("`'"), "h": host.strip("`'")},
+            ).scalar()
+        except sa.exc.DBAPIError:
+            report.lines.append(f"cannot verify the DEFINER {obj.definer} of {obj.name} (no SELECT on mysql.user)")
+            continue
+        if not exists:
+            report.worse(
+                CRITICAL,
+                f"trigger {obj.name} has DEFINER {obj.definer}, an account that no longer exists: every UPDATE on the table fails; run ti-guard install",
+            )
+
+
+def _revision(conn, policy: Policy) -> str | None:
+    schema = None if policy.schema in (None, "main") else policy.schema
+    if not sa.inspect(conn).has_table(VERSION_TABLE, schema=schema):
+        return None
+    table = sa.Table(VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)
+    return conn.execute(sa.select(table.c.version_num)).scalar()

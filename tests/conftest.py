@@ -1,0 +1,115 @@
+"""Real servers, fresh databases: PostgreSQL and MariaDB (standing in for MySQL) and SQLite files.
+
+Each test session creates uniquely named databases and drops them at the end; each test
+starts from an empty one. A server that cannot be reached fails the run: it is never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import sqlalchemy as sa
+
+from ti_guard import cli
+from ti_guard.airflow_shape import task_instance_table
+from ti_guard.db import make_engine, run_sql
+
+PG_URL = os.environ.get("TI_GUARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("TI_GUARD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+BACKENDS = ("postgresql", "mysql", "sqlite")
+SESSION = f"ti_guard_t{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def _admin(url):
+    engine = make_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.DBAPIError as exc:
+        pytest.fail(f"cannot reach {url}: {exc.orig}; start the server (see README) - a backend is never skipped", pytrace=False)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def server_dbs():
+    """One database per server for this session, named uniquely, dropped at the end."""
+    made = {}
+    for name, url in (("postgresql", PG_URL), ("mysql", MYSQL_URL)):
+        admin = _admin(url)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION}")
+            conn.exec_driver_sql(f"CREATE DATABASE {SESSION}")
+        made[name] = (admin, sa.engine.make_url(url).set(database=SESSION).render_as_string(hide_password=False))
+    yield {name: url for name, (_, url) in made.items()}
+    for admin, _ in made.values():
+        with admin.connect() as conn:
+            if admin.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION} WITH (FORCE)")
+            else:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION}")
+        admin.dispose()
+
+
+@dataclass
+class DB:
+    backend: str
+    url: str
+    engine: sa.Engine
+
+    def table(self, shape="3.x", schema=None, name="task_instance") -> sa.Table:
+        table = task_instance_table(sa.MetaData(), shape, schema=schema, name=name)
+        table.metadata.create_all(self.engine)
+        return table
+
+    def cli(self, *args, url=True) -> int:
+        return cli.main([*args, *(["--url", self.url] if url else [])])
+
+    def install(self, mode="raise", **kw) -> None:
+        extra = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+        assert self.cli("install", f"--mode={mode}", *extra) == 0
+
+    def sql(self, text: str):
+        with self.engine.begin() as conn:
+            return run_sql(conn, text)
+
+
+def _reset(backend, url, tmp_path):
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'airflow.db'}"
+    admin = make_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if backend == "postgresql":
+            for (schema,) in conn.exec_driver_sql(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' AND nspname <> 'information_schema'"
+            ).all():
+                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            conn.exec_driver_sql("CREATE SCHEMA public")
+        else:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION}")
+            conn.exec_driver_sql(f"CREATE DATABASE {SESSION}")
+    admin.dispose()
+    return url
+
+
+def pytest_generate_tests(metafunc):
+    # `db`: every backend; `server_db`: PostgreSQL and MySQL only (a test about servers).
+    if "server_db" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ("postgresql", "mysql"))
+    elif "db" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS)
+
+
+@pytest.fixture
+def db(backend, server_dbs, tmp_path):
+    url = _reset(backend, server_dbs.get(backend), tmp_path)
+    engine = make_engine(url)
+    yield DB(backend, url, engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def server_db(db):
+    return db

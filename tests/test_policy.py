@@ -1,0 +1,161 @@
+"""Every row of the policy table, in both modes, on every backend, and the same writes without the guard."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from ti_guard import airflow_writes as aw
+
+T0 = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=timezone.utc)
+T0_WHOLE = T0.replace(microsecond=0)  # what a whole-second clock (MySQL CURRENT_TIMESTAMP) stamps
+LATER = T0 + timedelta(seconds=7)
+KEY = dict(dag_id="etl", task_id="load", run_id="manual__1", map_index=-1)
+
+REFUSED, ALLOWED = "refused", "allowed"
+
+
+def _racy(when):
+    return lambda t: aw.racy_skip(t, KEY["dag_id"], KEY["run_id"], [(KEY["task_id"], -1)], when)
+
+
+def _finish(state, when):
+    return lambda t: aw.finish(t, aw.key_of(t, **KEY), state, when)
+
+
+def _set(**values):
+    return lambda t: sa.update(t).where(aw.key_of(t, **KEY)).values(**values)
+
+
+# (case, old state, old start_date, old end_date, write, verdict for the default policy)
+CASES = [
+    ("running: the attempt skips itself", "running", T0, None, _finish("skipped", LATER), ALLOWED),
+    ("running: self-skip stamped by a coarse clock before start", "running", T0, None, _finish("skipped", T0_WHOLE), ALLOWED),
+    ("running: self-skip in the same tick as its start", "running", T0_WHOLE, None, _finish("skipped", T0_WHOLE), "backend"),
+    ("running: branch skip (start_date replaced)", "running", T0, None, _racy(LATER), REFUSED),
+    ("running: branch skip, coarse clock, same tick as the start", "running", T0_WHOLE, None, _racy(T0_WHOLE), REFUSED),
+    ("running: skip that sets no end_date", "running", T0, None, _set(state="skipped"), REFUSED),
+    ("running: skip that keeps start_date but clears end_date", "running", T0, None, _set(state="skipped", end_date=None), REFUSED),
+    ("success: branch skip", "success", T0, LATER, _racy(LATER), REFUSED),
+    ("success: marked skipped (start kept, end kept)", "success", T0, LATER, lambda t: aw.operator_mark(t, aw.key_of(t, **KEY), "skipped"), REFUSED),
+    ("failed: branch skip", "failed", T0, LATER, _racy(LATER), REFUSED),
+    ("failed: skip that only sets state", "failed", T0, LATER, _set(state="skipped"), REFUSED),
+    ("NULL: branch skip", None, None, None, _racy(LATER), ALLOWED),
+    ("scheduled: branch skip", "scheduled", None, None, _racy(LATER), ALLOWED),
+    ("queued: branch skip (skippable on purpose)", "queued", T0, None, _racy(LATER), ALLOWED),
+    ("up_for_retry: branch skip", "up_for_retry", T0, LATER, _racy(LATER), ALLOWED),
+    ("deferred: branch skip", "deferred", T0, None, _racy(LATER), ALLOWED),
+    ("up_for_reschedule: branch skip", "up_for_reschedule", T0, LATER, _racy(LATER), ALLOWED),
+    ("running: heartbeat", "running", T0, None, lambda t: aw.heartbeat(t, aw.key_of(t, **KEY), LATER), ALLOWED),
+    ("running: finishes success", "running", T0, None, _finish("success", LATER), ALLOWED),
+    ("running: finishes failed", "running", T0, None, _finish("failed", LATER), ALLOWED),
+    ("queued: worker starts", "queued", T0, None, lambda t: aw.worker_start(t, aw.key_of(t, **KEY), LATER), ALLOWED),
+    ("success: cleared for a rerun", "success", T0, LATER, _set(state=None, end_date=None), ALLOWED),
+    ("skipped: re-skipped", "skipped", T0, T0, _racy(LATER), ALLOWED),
+]
+
+
+def expected_verdict(backend, verdict):
+    # PostgreSQL and SQLite see that the statement did not write start_date, so a task that
+    # starts and skips itself within one clock tick is let through. MySQL sees only values, and
+    # there that write is indistinguishable from a same-tick branch skip: it is refused (README).
+    if verdict == "backend":
+        return REFUSED if backend == "mysql" else ALLOWED
+    return verdict
+
+
+def _seed(db, table, state, start, end):
+    with db.engine.begin() as conn:
+        conn.execute(table.delete())
+        conn.execute(table.insert().values(id=str(uuid.uuid4()), **KEY, state=state, start_date=start, end_date=end, try_number=1))
+        conn.execute(  # a neighbour the statements never touch
+            table.insert().values(id=str(uuid.uuid4()), **{**KEY, "task_id": "other"}, state="running", start_date=T0, try_number=1)
+        )
+
+
+def _row(db, table):
+    with db.engine.connect() as conn:
+        row = dict(conn.execute(sa.select(table).where(aw.key_of(table, **KEY))).mappings().one())
+    row.pop("id", None)  # a fresh id per seed; every other column is compared
+    return row
+
+
+def _apply(db, table, write):
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(write(table))
+    except sa.exc.DBAPIError as exc:
+        return exc
+    return None
+
+
+def _outcome(db, table, case):
+    _, state, start, end, write, _ = case
+    _seed(db, table, state, start, end)
+    before = _row(db, table)
+    error = _apply(db, table, write)
+    return before, _row(db, table), error
+
+
+@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def test_policy_table(db, mode):
+    table = db.table()
+    baseline = {case[0]: _outcome(db, table, case) for case in CASES}
+    for name, (before, after, error) in baseline.items():
+        # Without the guard every one of these writes goes through and changes the row.
+        assert error is None and after != before, f"without guard: {name}"
+    db.install(mode=mode)
+    wrong = []
+    for case in CASES:
+        name, verdict = case[0], expected_verdict(db.backend, case[5])
+        before, after, error = _outcome(db, table, case)
+        if verdict == ALLOWED:
+            ok = error is None and after == baseline[name][1]
+        elif mode == "raise":
+            ok = error is not None and "ti_guard: refused" in str(error.orig) and after == before
+        else:
+            ok = error is None and after == before
+        if not ok:
+            wrong.append(f"{name}: expected {verdict}, got error={error and str(error.orig)[:80]!r} changed={after != before}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("shape", ["2.x", "3.x"])
+def test_refusal_message_names_the_row(db, shape):
+    table = db.table(shape)
+    with db.engine.begin() as conn:
+        values = dict(**KEY, state="running", start_date=T0, try_number=1)
+        conn.execute(table.insert().values(**values, **({"id": str(uuid.uuid4())} if shape == "3.x" else {})))
+    assert _apply(db, table, _racy(LATER)) is None and _row(db, table)["state"] == "skipped"  # without the guard
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(table).values(state="running", start_date=T0, end_date=None))
+    db.install()
+    error = _apply(db, table, _racy(LATER))
+    assert error is not None
+    message = str(error.orig)
+    assert "ti_guard: refused" in message
+    if db.backend == "postgresql":
+        assert error.orig.sqlstate == "23514"
+    if db.backend == "mysql":
+        assert error.orig.args[0] == 1644  # ER_SIGNAL_EXCEPTION: SIGNAL SQLSTATE '45000'
+    if db.backend != "sqlite":  # SQLite's RAISE() takes only a literal message
+        for part in ("running -> skipped", "dag_id=etl", "task_id=load", "map_index=-1", "run_id=manual__1"):
+            assert part in message, message
+    assert _row(db, table)["state"] == "running"
+
+
+def test_custom_protect_list(db):
+    table = db.table()
+    case = ("deferred: branch skip", "deferred", T0, None, _racy(LATER), ALLOWED)
+    before, after, error = _outcome(db, table, case)
+    assert error is None and after["state"] == "skipped"  # without the guard
+    db.install(protect="running,success,failed,deferred")
+    before, after, error = _outcome(db, table, case)
+    assert error is not None and after == before
+    # the default list would have let it through
+    db.install(protect="running,success,failed")
+    before, after, error = _outcome(db, table, case)
+    assert error is None and after["state"] == "skipped"
