@@ -85,7 +85,7 @@ def _reset(backend, url, tmp_path):
             for (schema,) in conn.exec_driver_sql(
                 "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' AND nspname <> 'information_schema'"
             ).all():
-                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+                conn.exec_driver_sql(f"DROP SCHEMA {conn.dialect.identifier_preparer.quote_schema(schema)} CASCADE")
             conn.exec_driver_sql("CREATE SCHEMA public")
         else:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION}")
@@ -96,7 +96,11 @@ def _reset(backend, url, tmp_path):
 
 def pytest_generate_tests(metafunc):
     # `db`: every backend; `server_db`: PostgreSQL and MySQL only (a test about servers).
-    if "server_db" in metafunc.fixturenames:
+    if "pg_db" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ("postgresql",))
+    elif "mysql_db" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ("mysql",))
+    elif "server_db" in metafunc.fixturenames:
         metafunc.parametrize("backend", ("postgresql", "mysql"))
     elif "db" in metafunc.fixturenames:
         metafunc.parametrize("backend", BACKENDS)
@@ -112,4 +116,14 @@ def db(backend, server_dbs, tmp_path):
 
 @pytest.fixture
 def server_db(db):
+    return db
+
+
+@pytest.fixture
+def pg_db(db):
+    return db
+
+
+@pytest.fixture
+def mysql_db(db):
     return db

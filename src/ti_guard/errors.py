@@ -19,6 +19,7 @@ class LockTimeout(GuardError):
 _PG_HINTS = {
     "55P03": "could not lock {table} within the lock timeout: a long transaction holds it; retry later or raise --lock-timeout",
     "42501": "the database user lacks a privilege: {detail}; run as the owner of {table} (or grant TRIGGER on it and CREATE on its schema)",
+    "3F000": "the database user lacks a privilege: it cannot create in the schema ({detail}); grant CREATE on the schema of {table} and TRIGGER on {table}, or run as its owner",
     "3D000": "the database does not exist: {detail}; check the database name in the URL",
     "28P01": "password authentication failed: {detail}; check the user and password in the URL",
     "28000": "the server refused the login: {detail}; check the user in the URL and pg_hba.conf",

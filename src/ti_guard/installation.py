@@ -42,7 +42,7 @@ def emit(op: Operations, sql: str, compound: bool = False) -> None:
 
 
 def _compiled(op: Operations, clause) -> str:
-    return str(clause.compile(dialect=op.get_context().dialect, compile_kwargs={"literal_binds": True}))
+    return str(clause.compile(dialect=op.get_context().dialect, compile_kwargs={"literal_binds": True})).strip()
 
 
 def definition_id(objects: list[GuardObject]) -> str:

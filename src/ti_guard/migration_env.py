@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import context
 from alembic.util import CommandError
 
+from . import catalog
 from . import config as config_mod
 from .db import lock_timeout_statement, make_engine, with_lock_retries
 from .errors import GuardError
@@ -66,6 +67,9 @@ def run_offline(settings, dialect: str) -> None:
         if statement:
             context.get_context().impl.static_output(statement + ";\n")
         context.run_migrations()
+        if context.get_revision_argument() is None:  # downgraded to base
+            # As online: a removal leaves no table of ours behind.
+            context.get_context().impl.static_output(f"DROP TABLE {_version_table_sql(settings.policy, dialect)};\n")
 
 
 def run_online(settings) -> None:
@@ -73,11 +77,19 @@ def run_online(settings) -> None:
     dialect = dialect_name(settings.url)
     try:
         with_lock_retries(engine, settings, lambda conn: _migrate(conn, settings, dialect))
+    except GuardError:
+        # MySQL commits each DDL statement: do not leave an empty version table behind.
+        with_lock_retries(engine, settings, lambda conn: drop_version_table(conn, settings.policy, only_if_empty=True))
+        raise
     finally:
         engine.dispose()
 
 
 def _migrate(conn, settings, dialect: str) -> None:
+    if context.get_revision_argument() is not None:
+        # Upgrading: refuse a database that is not Airflow's before writing anything to it.
+        catalog.table_columns(conn, settings.policy)
+        conn.rollback()
     _configure(settings, dialect, connection=conn)
     with context.begin_transaction():
         context.run_migrations()
@@ -86,7 +98,19 @@ def _migrate(conn, settings, dialect: str) -> None:
         drop_version_table(conn, settings.policy)
 
 
-def drop_version_table(conn, policy) -> None:
+def _version_table_sql(policy, dialect: str) -> str:
+    from sqlalchemy.dialects import registry
+
+    prep = registry.load(dialect)().identifier_preparer
     schema = None if policy.schema in (None, "main") else policy.schema
-    sa.Table(VERSION_TABLE, sa.MetaData(), schema=schema).drop(conn, checkfirst=True)
+    return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(VERSION_TABLE)
+
+
+def drop_version_table(conn, policy, only_if_empty: bool = False) -> None:
+    schema = None if policy.schema in (None, "main") else policy.schema
+    table = sa.Table(VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)
+    if only_if_empty and sa.inspect(conn).has_table(VERSION_TABLE, schema=schema):
+        if conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():
+            return
+    table.drop(conn, checkfirst=True)
     conn.commit()

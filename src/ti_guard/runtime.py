@@ -2,7 +2,9 @@
 
 PostgreSQL: SET LOCAL ti_guard.bypass = 'on' (set_config(..., true)), gone at commit or rollback.
 MySQL: @ti_guard_bypass must hold the current InnoDB transaction's id (see render/mysql.py).
-SQLite: none is needed; a repair there can drop and re-install the guard.
+SQLite: no setting is needed: SQLite has one writer at a time and transactional DDL, so the
+guard's triggers are dropped and put back inside the repair's own transaction; no other
+connection ever sees the table without them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ def bypass(conn: sa.Connection, policy: Policy):
         finally:
             conn.exec_driver_sql("SET @ti_guard_bypass = NULL, @ti_guard_bypass_at = NULL")
     else:
+        triggers = catalog.read(conn, policy)
+        for name in triggers:
+            conn.exec_driver_sql(f"DROP TRIGGER {conn.dialect.identifier_preparer.quote(name)}")
         yield
+        for obj in triggers.values():
+            conn.exec_driver_sql(obj.definition)
 
 
 def set_state(engine: sa.Engine, policy: Policy, dag_id, task_id, run_id, map_index, state) -> str:

@@ -1,0 +1,16 @@
+SET SESSION lock_wait_timeout = 2;
+
+
+-- Running downgrade 0001 -> 
+
+DROP TRIGGER IF EXISTS ti_guard_skip_05269461;
+
+
+DROP TABLE IF EXISTS ti_guard_settings;
+
+
+DELETE FROM ti_guard_alembic_version WHERE ti_guard_alembic_version.version_num = '0001';
+
+DROP TABLE ti_guard_alembic_version;
+
+

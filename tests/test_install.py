@@ -1,0 +1,192 @@
+"""Install, upgrade, downgrade, idempotency, status, and the two routes (Alembic, sql/ files) compared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from ti_guard import catalog
+from ti_guard.policy import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+ALEMBIC = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini")]
+
+
+def alembic(db, *args, check=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TI_GUARD_", "AIRFLOW__"))}
+    result = subprocess.run([*ALEMBIC, "-x", f"url={db.url}", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def objects(db, policy=Policy()):
+    with db.engine.connect() as conn:
+        return catalog.read(conn, policy)
+
+
+def tables(db):
+    with db.engine.connect() as conn:
+        return {t for t in sa.inspect(conn).get_table_names() if t.startswith("ti_guard") or t == "alembic_version"}
+
+
+def _airflow_version_table(db):
+    """Airflow's own alembic_version, which ti-guard must never read or write."""
+    db.sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+    db.sql("INSERT INTO alembic_version VALUES ('29ce7909c52b')")
+
+
+def _airflow_version(db):
+    with db.engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+
+
+@pytest.mark.parametrize("shape", ["3.x", "2.x"])
+def test_alembic_upgrade_downgrade_round_trip(db, shape, capsys):
+    db.table(shape)
+    _airflow_version_table(db)
+    assert db.cli("status") == 2  # missing
+    alembic(db, "upgrade", "head")
+    installed = objects(db)
+    assert {o.kind for o in installed.values()} >= {"trigger"}
+    assert tables(db) == {"alembic_version", "ti_guard_alembic_version", "ti_guard_settings"}
+    assert db.cli("status") == 0
+    alembic(db, "upgrade", "head")  # twice: a no-op
+    assert objects(db) == installed
+    assert db.cli("install") == 0  # and through the CLI: still the same objects
+    assert objects(db) == installed
+    alembic(db, "downgrade", "base")
+    assert objects(db) == {} and tables(db) == {"alembic_version"}
+    alembic(db, "downgrade", "base")  # twice: a no-op
+    assert db.cli("uninstall") == 0
+    assert objects(db) == {} and tables(db) == {"alembic_version"}
+    assert _airflow_version(db) == [("29ce7909c52b",)]
+    assert db.cli("status") == 2
+
+
+def test_mode_switch_replaces_in_place_and_status_tells(db, capsys):
+    db.table()
+    db.install("raise")
+    raise_objects = set(objects(db))
+    db.install("ignore")
+    assert set(objects(db)).isdisjoint(raise_objects)
+    capsys.readouterr()
+    assert db.cli("status") == 0
+    assert "mode=ignore" in capsys.readouterr().out
+    assert db.cli("install") == 0  # without --mode: keeps what is installed
+    assert db.cli("status") == 0 and "mode=ignore" in capsys.readouterr().out
+
+
+def test_status_catches_a_dropped_or_disabled_trigger(db, capsys):
+    table = db.table()
+    db.install()
+    trigger = next(o for o in objects(db).values() if o.kind == "trigger")
+    drop = {
+        "postgresql": f"DROP TRIGGER {trigger.name} ON task_instance",
+        "mysql": f"DROP TRIGGER {trigger.name}",
+        "sqlite": f"DROP TRIGGER {trigger.name}",
+    }[db.backend]
+    db.sql(drop)
+    capsys.readouterr()
+    assert db.cli("status") == 2
+    assert "missing" in capsys.readouterr().out
+    assert db.cli("install") == 0 and db.cli("status") == 0
+    if db.backend == "postgresql":
+        db.sql(f"ALTER TABLE {table.name} DISABLE TRIGGER {trigger.name}")
+        assert db.cli("status") == 2
+        assert db.cli("install") == 0 and db.cli("status") == 0
+
+
+def test_status_reports_outdated_definition(db, capsys):
+    db.table()
+    db.install()
+    stale = {"postgresql": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE OF state ON task_instance FOR EACH ROW WHEN (false) EXECUTE FUNCTION {fn}()",
+             "mysql": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE ON task_instance FOR EACH ROW SET @x = 1",
+             "sqlite": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE OF state ON task_instance BEGIN SELECT 1; END"}[db.backend]
+    fn = next((n for n, o in objects(db).items() if o.kind == "function"), "")
+    db.sql(stale.format(fn=fn))
+    capsys.readouterr()
+    assert db.cli("status") == 1
+    assert "ti_guard_skip_00000000" in capsys.readouterr().out
+    assert db.cli("install") == 0 and "ti_guard_skip_00000000" not in objects(db)
+
+
+def test_mysql_ignore_mode_tracks_columns(mysql_db, capsys):
+    mysql_db.table()
+    mysql_db.install("ignore")
+    mysql_db.sql("ALTER TABLE task_instance ADD COLUMN new_in_next_airflow INT")
+    capsys.readouterr()
+    assert mysql_db.cli("status") >= 1
+    assert "columns changed" in capsys.readouterr().out
+    assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
+
+
+def test_postgresql_non_default_schema(pg_db):
+    schema = 'Air "flow" Meta'
+    prep = pg_db.engine.dialect.identifier_preparer
+    pg_db.sql(f"CREATE SCHEMA {prep.quote_schema(schema)}")
+    table = pg_db.table(schema=schema)
+    assert pg_db.cli("install", f"--schema={schema}") == 0
+    assert pg_db.cli("status", f"--schema={schema}") == 0
+    with pytest.raises(sa.exc.DBAPIError, match="ti_guard: refused"):
+        with pg_db.engine.begin() as conn:
+            conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
+            conn.execute(sa.update(table).values(state="skipped"))
+    with pg_db.engine.connect() as conn:
+        where = {r[0] for r in conn.exec_driver_sql("SELECT n.nspname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname LIKE 'ti\\_guard%%'")}
+        config = conn.exec_driver_sql("SELECT proconfig FROM pg_proc WHERE proname LIKE 'ti\\_guard%%'").scalar()
+    assert where == {schema} and config == ["search_path=pg_catalog, pg_temp"]
+    assert pg_db.cli("uninstall", f"--schema={schema}") == 0
+    assert objects(pg_db, Policy(schema=schema)) == {}
+
+
+CLIENTS = {
+    "postgresql": lambda url, path: ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", _libpq(url), "-f", str(path)],
+    "mysql": lambda url, path: ["mariadb" if shutil.which("mariadb") else "mysql", *_mysql_args(url)],
+    "sqlite": lambda url, path: ["sqlite3", "-bail", sa.engine.make_url(url).database, f".read {path}"],
+}
+
+
+def _libpq(url):
+    u = sa.engine.make_url(url)
+    return f"postgresql://{u.username}@{u.host}:{u.port or 5432}/{u.database}"
+
+
+def _mysql_args(url):
+    u = sa.engine.make_url(url)
+    return [f"-u{u.username}", f"-h{u.host}", f"-P{u.port or 3306}", u.database]
+
+
+def _run_client(db, name):
+    path = ROOT / "sql" / db.backend / name
+    cmd = CLIENTS[db.backend](db.url, path)
+    stdin = path.read_text() if db.backend == "mysql" else None
+    result = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql", "sqlite"])
+def test_sql_files_are_what_alembic_prints(dialect):
+    backend = dialect
+    for name, args in (("install.sql", ["upgrade", "head", "--sql"]), ("uninstall.sql", ["downgrade", "head:base", "--sql"])):
+        printed = subprocess.run([*ALEMBIC, "-x", f"dialect={backend}", *args], capture_output=True, text=True, cwd=ROOT)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout == (ROOT / "sql" / backend / name).read_text(), f"sql/{backend}/{name} is stale: regenerate it (README)"
+
+
+def test_sql_files_through_real_clients_match_the_alembic_route(db):
+    db.table()
+    alembic(db, "upgrade", "head")
+    by_alembic = objects(db)
+    alembic(db, "downgrade", "base")
+    _run_client(db, "install.sql")
+    assert objects(db) == by_alembic
+    assert db.cli("status") == 0
+    _run_client(db, "uninstall.sql")
+    assert objects(db) == {} and tables(db) == set()
