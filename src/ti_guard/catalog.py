@@ -100,7 +100,7 @@ def settings_table(policy: Policy) -> sa.Table:
         sa.Column("guarded_table", sa.String(128), nullable=False),
         sa.Column("definition", sa.String(200), nullable=False),
         sa.Column("installed_at", sa.DateTime, nullable=False),
-        schema=None if policy.schema == "main" else policy.schema,
+        schema=policy.db_schema,
     )
 
 

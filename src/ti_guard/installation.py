@@ -15,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 
 from . import catalog
 from .airflow_shape import AIRFLOW_3_COLUMNS
-from .policy import Policy, short_hash
+from .policy import Policy
 from .db import run_sql
 from .render import GuardObject, dialect_name, render
 
@@ -132,8 +132,8 @@ def _ident(op: Operations, name: str) -> str:
 
 def _qualified(op: Operations, policy: Policy, name: str) -> str:
     prep = op.get_context().dialect.identifier_preparer
-    if policy.schema and _dialect(op) != "sqlite":
-        return f"{prep.quote_schema(policy.schema)}.{prep.quote(name)}"
+    if policy.db_schema and _dialect(op) != "sqlite":
+        return f"{prep.quote_schema(policy.db_schema)}.{prep.quote(name)}"
     return prep.quote(name)
 
 
@@ -167,5 +167,3 @@ def operations(conn: sa.Connection) -> Operations:
     """An `op` on a plain connection, for the CLI's in-place reconcile outside a revision."""
     return Operations(MigrationContext.configure(conn))
 
-
-__all__ = ["install", "uninstall", "emit", "expected", "operations", "short_hash"]

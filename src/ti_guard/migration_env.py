@@ -38,10 +38,9 @@ def settings_from_context():
 
 
 def _configure(settings, dialect: str, **kw) -> None:
-    schema = settings.policy.schema
     context.configure(
         version_table=VERSION_TABLE,
-        version_table_schema=None if schema in (None, "main") else schema,
+        version_table_schema=settings.policy.db_schema,
         # SQLite too keeps the install in one transaction; MySQL cannot (DDL commits).
         transactional_ddl=dialect in ("postgresql", "sqlite"),
         ti_guard_policy=settings.policy,
@@ -102,12 +101,12 @@ def _version_table_sql(policy, dialect: str) -> str:
     from sqlalchemy.dialects import registry
 
     prep = registry.load(dialect)().identifier_preparer
-    schema = None if policy.schema in (None, "main") else policy.schema
+    schema = policy.db_schema
     return (f"{prep.quote_schema(schema)}." if schema else "") + prep.quote(VERSION_TABLE)
 
 
 def drop_version_table(conn, policy, only_if_empty: bool = False) -> None:
-    schema = None if policy.schema in (None, "main") else policy.schema
+    schema = policy.db_schema
     table = sa.Table(VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)
     if only_if_empty and sa.inspect(conn).has_table(VERSION_TABLE, schema=schema):
         if conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():

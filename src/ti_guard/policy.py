@@ -63,6 +63,11 @@ class Policy:
         )
 
     @property
+    def db_schema(self) -> str | None:
+        """The schema to qualify names with; SQLite's 'main' is no qualifier."""
+        return None if self.schema in (None, "main") else self.schema
+
+    @property
     def protect_csv(self) -> str:
         return ",".join(self.protect)
 

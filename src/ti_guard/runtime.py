@@ -56,7 +56,7 @@ def set_state(engine: sa.Engine, policy: Policy, dag_id, task_id, run_id, map_in
         sa.MetaData(),
         *(sa.Column(c, sa.String) for c in ("dag_id", "task_id", "run_id", "state")),
         sa.Column("map_index", sa.Integer),
-        schema=None if policy.schema == "main" else policy.schema,
+        schema=policy.db_schema,
     )
     key = (table.c.dag_id == dag_id) & (table.c.task_id == task_id) & (table.c.run_id == run_id) & (table.c.map_index == map_index)
     with engine.begin() as conn:

@@ -103,7 +103,7 @@ def _check_definers(conn, installed, report: Report) -> None:
 
 
 def _revision(conn, policy: Policy) -> str | None:
-    schema = None if policy.schema in (None, "main") else policy.schema
+    schema = policy.db_schema
     if not sa.inspect(conn).has_table(VERSION_TABLE, schema=schema):
         return None
     table = sa.Table(VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)

@@ -16,7 +16,7 @@ from . import GuardObject, Quoter, column_triggers
 
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
-    if policy.schema not in (None, "main"):
+    if policy.db_schema:
         raise GuardError("a schema is not supported on SQLite (triggers live in the database of their table); drop the schema setting")
     q = Quoter(sqlite.dialect(), policy)
     if policy.mode == "raise":
