@@ -6,6 +6,7 @@ starts from an empty one. A server that cannot be reached fails the run: it is n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from ti_guard import cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine, run_sql
+from ti_guard.render import Quoter
 
 PG_URL = os.environ.get("TI_GUARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("TI_GUARD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -74,6 +76,32 @@ class DB:
     def sql(self, text: str):
         with self.engine.begin() as conn:
             return run_sql(conn, text)
+
+    @contextlib.contextmanager
+    def account(self, privileges=("SELECT", "UPDATE"), password=None, database_wide=False):
+        """A login of its own holding only `privileges` on task_instance (or on every table);
+        yields its URL, drops it afterwards. Names and passwords go through the dialect's quoting."""
+        name = f"{SESSION}_{uuid.uuid4().hex[:4]}"
+        dialect = self.engine.dialect
+        secret = Quoter(dialect, None).literal(password or "")
+        if self.backend == "postgresql":
+            who = dialect.identifier_preparer.quote(name)
+            target = "ALL TABLES IN SCHEMA public" if database_wide else "TABLE task_instance"
+            setup = [f"CREATE ROLE {who} LOGIN PASSWORD {secret}", f"GRANT USAGE ON SCHEMA public TO {who}"]
+            teardown = [f"REVOKE ALL ON {target} FROM {who}", f"REVOKE ALL ON SCHEMA public FROM {who}", f"DROP ROLE {who}"]
+        else:
+            who = f"{dialect.identifier_preparer.quote(name)}@'%'"
+            database = dialect.identifier_preparer.quote(SESSION)
+            target = f"{database}.*" if database_wide else f"{database}.task_instance"
+            setup = [f"CREATE USER {who} IDENTIFIED BY {secret}"]
+            teardown = [f"DROP USER IF EXISTS {who}"]
+        for statement in [*setup, f"GRANT {', '.join(privileges)} ON {target} TO {who}"]:
+            self.sql(statement)
+        try:
+            yield sa.engine.make_url(self.url).set(username=name, password=password).render_as_string(hide_password=False)
+        finally:
+            for statement in teardown:
+                self.sql(statement)
 
 
 def _reset(backend, url, tmp_path):

@@ -100,31 +100,12 @@ def test_lock_held_by_a_long_transaction(server_db, capsys):
 
 
 def test_too_few_privileges(server_db, capsys):
+    """SELECT and UPDATE (what Airflow's own account needs) but no TRIGGER."""
     server_db.table()
-    user = "ti_guard_reader"
-    if server_db.backend == "postgresql":
-        server_db.sql(f"DROP ROLE IF EXISTS {user}")
-        server_db.sql(f"CREATE ROLE {user} LOGIN")
-        server_db.sql(f"GRANT USAGE ON SCHEMA public TO {user}")
-        server_db.sql(f"GRANT SELECT, UPDATE ON task_instance TO {user}")
-        url = sa.engine.make_url(server_db.url).set(username=user)
-    else:
-        server_db.sql(f"DROP USER IF EXISTS '{user}'@'%%'")
-        server_db.sql(f"CREATE USER '{user}'@'%%'")
-        database = sa.engine.make_url(server_db.url).database
-        server_db.sql(f"GRANT SELECT, UPDATE ON {database}.task_instance TO '{user}'@'%%'")
-        url = sa.engine.make_url(server_db.url).set(username=user)
-    try:
-        assert cli.main(["install", "--url", url.render_as_string(hide_password=False)]) == 2
-        _one_line_error(capsys, "lacks a privilege")
-        _nothing_installed(server_db)
-    finally:
-        if server_db.backend == "postgresql":
-            server_db.sql(f"REVOKE ALL ON task_instance FROM {user}")
-            server_db.sql(f"REVOKE ALL ON SCHEMA public FROM {user}")
-            server_db.sql(f"DROP ROLE {user}")
-        else:
-            server_db.sql(f"DROP USER '{user}'@'%%'")
+    with server_db.account(("SELECT", "UPDATE")) as url:
+        assert cli.main(["install", "--url", url]) == 2
+    _one_line_error(capsys, "lacks a privilege")
+    _nothing_installed(server_db)
 
 
 def test_url_resolution_order(tmp_path, monkeypatch):

@@ -110,3 +110,56 @@ def read_settings(conn: sa.Connection, policy: Policy) -> dict | None:
         return None
     row = conn.execute(sa.select(table).where(table.c.id == 1)).mappings().first()
     return dict(row) if row else None
+
+
+def missing_definers(conn: sa.Connection, triggers) -> list[tuple[str, str]] | None:
+    """MySQL triggers whose DEFINER account is gone (every UPDATE on the table then fails);
+    None when mysql.user cannot be read."""
+    dead = []
+    for obj in triggers:
+        if not obj.definer or "@" not in obj.definer:
+            continue
+        user, host = obj.definer.rsplit("@", 1)
+        try:
+            exists = conn.execute(
+                sa.text("SELECT COUNT(*) FROM mysql.user WHERE User = :u AND Host = :h"),
+                {"u": user.strip("`'"), "h": host.strip("`'")},
+            ).scalar()
+        except sa.exc.DBAPIError:
+            return None
+        if not exists:
+            dead.append((obj.name, obj.definer))
+    return dead
+
+
+def revision(conn: sa.Connection, version_table: str, schema: str | None) -> str | None:
+    """The revision an Alembic version table holds (ours, or Airflow's `alembic_version`)."""
+    if not sa.inspect(conn).has_table(version_table, schema=schema):
+        return None
+    table = sa.Table(version_table, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)
+    return conn.execute(sa.select(table.c.version_num)).scalar()
+
+
+@dataclass(frozen=True)
+class MySQLGrants:
+    account: str
+    server: frozenset  # global privileges
+    database: frozenset  # global + on the database
+    table: frozenset  # global + database + on the table
+
+
+def mysql_grants(conn: sa.Connection, policy: Policy) -> MySQLGrants:
+    """What the current account may do, from information_schema (roles are not followed)."""
+    account = conn.exec_driver_sql("SELECT CURRENT_USER()").scalar()
+    user, host = account.rsplit("@", 1)
+    params = {"g": f"'{user}'@'{host}'", "db": _mysql_schema(conn, policy), "t": policy.table}  # compared as values
+
+    def read(sql):
+        return frozenset(row[0] for row in conn.execute(sa.text(sql), params))
+
+    server = read("SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = :g")
+    database = server | read("SELECT PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = :g AND :db LIKE TABLE_SCHEMA")
+    table = database | read(
+        "SELECT PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES WHERE GRANTEE = :g AND TABLE_SCHEMA = :db AND TABLE_NAME = :t"
+    )
+    return MySQLGrants(account, server, database, table)

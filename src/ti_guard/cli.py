@@ -74,6 +74,21 @@ def cmd_status(args) -> int:
     return report.code
 
 
+def cmd_doctor(args) -> int:
+    from .lifecycle import doctor
+
+    settings = _settings(args)
+    try:
+        report = doctor(settings, explicit_policy=args.mode is not None or args.protect is not None)
+    except Exception as exc:  # noqa: BLE001 - cannot connect: unknown (Nagios 3)
+        print(f"UNKNOWN: {explain(exc, settings.policy.table)}")
+        return 3
+    print(f"{report.word.upper()}: ti-guard doctor on {settings.safe_url}")
+    for line in report.lines:
+        print(f"  {line}")
+    return report.code
+
+
 def cmd_sql(args) -> int:
     settings = _settings(args, need_url=False)
     dialect = args.dialect or (settings.url and settings.url.split(":", 1)[0])
@@ -133,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="installed/current (0), installed/outdated (1), missing (2), unknown (3)")
     common(p, policy=False)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("doctor", help="preflight: server, privileges, Airflow's tables, lock risk, binary log, definer, what install would do")
+    common(p, lock=True)
+    p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("sql", help="print the DDL for review or for a DBA")
     common(p)
     p.add_argument("--dialect", choices=("postgresql", "mysql", "sqlite"))

@@ -51,14 +51,15 @@ def explain(exc: BaseException, table: str = "task_instance") -> GuardError:
         return exc
     orig = getattr(exc, "orig", None) or exc
     detail = _first_line(orig)
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in _PG_HINTS:
-        cls = LockTimeout if sqlstate == "55P03" else GuardError
-        return cls(_PG_HINTS[sqlstate].format(table=table, detail=detail))
+    # MySQL's error number first: PyMySQL errors carry a SQLSTATE too (1045 is 28000, as on PostgreSQL).
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], int) and args[0] in _MYSQL_HINTS:
         cls = LockTimeout if args[0] == 1205 else GuardError
         return cls(_MYSQL_HINTS[args[0]].format(table=table, detail=_first_line(args[1] if len(args) > 1 else detail)))
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _PG_HINTS:
+        cls = LockTimeout if sqlstate == "55P03" else GuardError
+        return cls(_PG_HINTS[sqlstate].format(table=table, detail=detail))
     low = detail.lower()
     if "connection refused" in low or "could not connect" in low or "connection failed" in low or "can't connect" in low:
         return GuardError(f"cannot connect to the database: {detail}; check host and port in the URL and that the server runs")

@@ -9,6 +9,8 @@ Offline (`alembic upgrade head --sql`, the files in sql/), the same objects are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
@@ -56,6 +58,46 @@ def expected(op_or_conn, policy: Policy, columns=None) -> list[GuardObject]:
     return render(dialect, policy, columns)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One action of a reconcile: what `install` will do, and what `doctor` says it would do."""
+
+    verb: str  # created | replaced | enabled | dropped
+    kind: str
+    name: str
+    statements: tuple[str, ...]
+    why: str = ""
+
+    def describe(self, future: bool = False) -> str:
+        verb = {"created": "create", "replaced": "replace", "enabled": "enable", "dropped": "drop"}[self.verb] if future else self.verb
+        return f"{verb} {self.kind} {self.name}" + (f" ({self.why})" if self.why else "")
+
+
+def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObject]]:
+    """The steps that bring this database to the policy's guard, new objects before old ones go."""
+    dialect = conn.dialect
+    objects = expected(conn, policy, catalog.table_columns(conn, policy))
+    installed = catalog.read(conn, policy)
+    orphaned = {name for name, _ in catalog.missing_definers(conn, installed.values()) or ()}
+    steps = []
+    for obj in objects:
+        have = installed.get(obj.name)
+        if have is None:
+            steps.append(Step("created", obj.kind, obj.name, (obj.create,)))
+        elif obj.name in orphaned:
+            # Every UPDATE on the table fails while the DEFINER is gone; re-creating it as us fixes that.
+            steps.append(Step("replaced", obj.kind, obj.name, (obj.drop, obj.create), f"its DEFINER {have.definer} no longer exists"))
+        elif have.definition != obj.definition:
+            # Same name, other text: changed by hand. Put ours back (a function is replaced in place).
+            sql = (obj.create,) if obj.kind == "function" else (obj.drop, obj.create)
+            steps.append(Step("replaced", obj.kind, obj.name, sql, "it had been changed by hand"))
+        elif not have.enabled:
+            sql = f"ALTER TABLE {_table(dialect, policy)} ENABLE TRIGGER {_ident(dialect, obj.name)}"
+            steps.append(Step("enabled", obj.kind, obj.name, (sql,), "it had been disabled"))
+    steps += _drops(dialect, policy, installed, keep={o.name for o in objects})
+    return steps, objects
+
+
 def install(op: Operations, policy: Policy) -> list[str]:
     """Bring the database to the policy's guard; returns what was done, one line per action."""
     ctx = op.get_context()
@@ -69,27 +111,10 @@ def install(op: Operations, policy: Policy) -> list[str]:
         return [f"printed {o.kind} {o.name}" for o in objects]
 
     conn = op.get_bind()
-    columns = catalog.table_columns(conn, policy)
-    objects = expected(conn, policy, columns)
-    installed = catalog.read(conn, policy)
-    done = []
-    for obj in objects:
-        have = installed.get(obj.name)
-        if have is None:
-            emit(op, obj.create)
-            done.append(f"created {obj.kind} {obj.name}")
-        elif have.definition != obj.definition:
-            # Same name, other text: changed by hand. Put ours back (a function is replaced in place).
-            if obj.kind != "function":
-                emit(op, obj.drop)
-            emit(op, obj.create)
-            done.append(f"replaced {obj.kind} {obj.name} (it had been changed by hand)")
-        elif not have.enabled:
-            emit(op, f"ALTER TABLE {_table(op, policy)} ENABLE TRIGGER {_ident(op, obj.name)}")
-            done.append(f"enabled trigger {obj.name} (it had been disabled)")
-    done += _drop_others(op, policy, installed, keep={o.name for o in objects})
+    steps, objects = plan(conn, policy)
+    _run(op, steps)
     _record(op, conn, policy, settings, objects)
-    return done
+    return [step.describe() for step in steps]
 
 
 def uninstall(op: Operations, policy: Policy) -> list[str]:
@@ -100,45 +125,49 @@ def uninstall(op: Operations, policy: Policy) -> list[str]:
         emit(op, _compiled(op, sa.schema.DropTable(settings, if_exists=True)))
         return []
     conn = op.get_bind()
-    done = _drop_others(op, policy, catalog.read(conn, policy), keep=set())
+    steps = _drops(conn.dialect, policy, catalog.read(conn, policy), keep=set())
+    _run(op, steps)
+    done = [step.describe() for step in steps]
     if sa.inspect(conn).has_table(settings.name, schema=settings.schema):
         emit(op, _compiled(op, sa.schema.DropTable(settings)))
         done.append(f"dropped table {settings.name}")
     return done
 
 
-def _drop_others(op: Operations, policy: Policy, installed: dict, keep: set) -> list[str]:
+def _run(op: Operations, steps: list[Step]) -> None:
+    for step in steps:
+        for sql in step.statements:
+            emit(op, sql)
+
+
+def _drops(dialect, policy: Policy, installed: dict, keep: set) -> list[Step]:
     stale = [o for o in installed.values() if o.name not in keep]
-    done = []
     # Triggers first: a function cannot go while a trigger still calls it.
-    for obj in sorted(stale, key=lambda o: o.kind != "trigger"):
-        emit(op, _drop_sql(op, policy, obj))
-        done.append(f"dropped {obj.kind} {obj.name}")
-    return done
+    return [Step("dropped", o.kind, o.name, (_drop_sql(dialect, policy, o),)) for o in sorted(stale, key=lambda o: o.kind != "trigger")]
 
 
-def _drop_sql(op: Operations, policy: Policy, obj: catalog.Installed) -> str:
-    name = _qualified(op, policy, obj.name)
+def _drop_sql(dialect, policy: Policy, obj: catalog.Installed) -> str:
+    name = _qualified(dialect, policy, obj.name)
     if obj.kind == "function":
         return f"DROP FUNCTION IF EXISTS {name}()"
-    if _dialect(op) == "postgresql":
-        return f"DROP TRIGGER IF EXISTS {_ident(op, obj.name)} ON {_table(op, policy)}"
-    return f"DROP TRIGGER IF EXISTS {name}" if _dialect(op) == "mysql" else f"DROP TRIGGER IF EXISTS {_ident(op, obj.name)}"
+    if dialect_name(dialect.name) == "postgresql":
+        return f"DROP TRIGGER IF EXISTS {_ident(dialect, obj.name)} ON {_table(dialect, policy)}"
+    return f"DROP TRIGGER IF EXISTS {name}" if dialect_name(dialect.name) == "mysql" else f"DROP TRIGGER IF EXISTS {_ident(dialect, obj.name)}"
 
 
-def _ident(op: Operations, name: str) -> str:
-    return op.get_context().dialect.identifier_preparer.quote(name)
+def _ident(dialect, name: str) -> str:
+    return dialect.identifier_preparer.quote(name)
 
 
-def _qualified(op: Operations, policy: Policy, name: str) -> str:
-    prep = op.get_context().dialect.identifier_preparer
-    if policy.db_schema and _dialect(op) != "sqlite":
+def _qualified(dialect, policy: Policy, name: str) -> str:
+    prep = dialect.identifier_preparer
+    if policy.db_schema and dialect_name(dialect.name) != "sqlite":
         return f"{prep.quote_schema(policy.db_schema)}.{prep.quote(name)}"
     return prep.quote(name)
 
 
-def _table(op: Operations, policy: Policy) -> str:
-    return _qualified(op, policy, policy.table)
+def _table(dialect, policy: Policy) -> str:
+    return _qualified(dialect, policy, policy.table)
 
 
 def _settings_row(policy: Policy, objects, when) -> dict:

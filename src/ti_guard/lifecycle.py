@@ -50,6 +50,29 @@ def uninstall(settings) -> list[str]:
     return done + [f"ti_guard removed from {settings.safe_url}"]
 
 
+def doctor(settings, explicit_policy: bool):
+    from .doctor import diagnose
+
+    engine = make_engine(settings.url)
+    try:
+        with engine.connect() as conn:
+            policy = (None if explicit_policy else _recorded_or_none(conn, settings.policy)) or settings.policy
+            try:
+                return diagnose(conn, settings, policy, head_revision())
+            finally:
+                conn.rollback()  # doctor only reads
+    finally:
+        engine.dispose()
+
+
+def _recorded_or_none(conn, policy: Policy) -> Policy | None:
+    try:
+        return _recorded(conn, policy)
+    except Exception:  # noqa: BLE001 - no table yet, no privilege: doctor reports those itself
+        conn.rollback()
+        return None
+
+
 def status(settings) -> Report:
     engine = make_engine(settings.url)
     try:

@@ -40,6 +40,10 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if recorded:
         policy = Policy.build(protect=recorded["protect"], mode=recorded["mode"], schema=policy.schema, table=policy.table)
     report.policy = policy
+    if not installed and dialect_name(conn.dialect.name) == "mysql" and "TRIGGER" not in catalog.mysql_grants(conn, policy).table:
+        # MySQL lists a table's triggers only to accounts that hold TRIGGER on it.
+        report.worse(UNKNOWN, f"{policy.table}'s triggers are hidden from this account: MySQL shows them only with the TRIGGER privilege; run status as the installing account or grant TRIGGER")
+        return report
     if not recorded and not installed:
         report.worse(CRITICAL, f"no ti_guard objects on {policy.table}: run ti-guard install (or alembic upgrade head)")
         return report
@@ -59,7 +63,7 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
             report.worse(WARNING, f"{have.kind} {name} is not part of the expected guard ({_stale_reason(conn, policy, have, columns)}): run ti-guard install")
     if dialect_name(conn.dialect.name) == "mysql":
         _check_definers(conn, installed, report)
-    version = _revision(conn, policy)
+    version = catalog.revision(conn, VERSION_TABLE, policy.db_schema)
     if head and version != head:
         report.worse(WARNING, f"migration revision is {version or 'none'}, head is {head}: run ti-guard install (or alembic upgrade head)")
     if report.code == OK:
@@ -82,29 +86,11 @@ def _stale_reason(conn, policy: Policy, have, columns) -> str:
 
 
 def _check_definers(conn, installed, report: Report) -> None:
-    """A MySQL trigger whose DEFINER account is gone makes every UPDATE on the table fail."""
-    for obj in installed.values():
-        if not obj.definer or "@" not in obj.definer:
-            continue
-        user, host = obj.definer.rsplit("@", 1)
-        try:
-            exists = conn.execute(
-                sa.text("SELECT COUNT(*) FROM mysql.user WHERE User = :u AND Host = :h"),
-                {"u": user.strip("`'"), "h": host.strip("`'")},
-            ).scalar()
-        except sa.exc.DBAPIError:
-            report.lines.append(f"cannot verify the DEFINER {obj.definer} of {obj.name} (no SELECT on mysql.user)")
-            continue
-        if not exists:
-            report.worse(
-                CRITICAL,
-                f"trigger {obj.name} has DEFINER {obj.definer}, an account that no longer exists: every UPDATE on the table fails; run ti-guard install",
-            )
-
-
-def _revision(conn, policy: Policy) -> str | None:
-    schema = policy.db_schema
-    if not sa.inspect(conn).has_table(VERSION_TABLE, schema=schema):
-        return None
-    table = sa.Table(VERSION_TABLE, sa.MetaData(), sa.Column("version_num", sa.String(32)), schema=schema)
-    return conn.execute(sa.select(table.c.version_num)).scalar()
+    dead = catalog.missing_definers(conn, installed.values())
+    if dead is None:
+        report.lines.append("cannot verify the triggers' DEFINER accounts (no SELECT on mysql.user)")
+    for name, definer in dead or ():
+        report.worse(
+            CRITICAL,
+            f"trigger {name} has DEFINER {definer}, an account that no longer exists: every UPDATE on the table fails; run ti-guard install",
+        )

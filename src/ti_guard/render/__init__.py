@@ -50,7 +50,10 @@ class Quoter:
         return self.qualified(self.policy.table)
 
     def literal(self, value: str) -> str:
-        return str(sa.literal(value, sa.String()).compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+        text = str(sa.literal(value, sa.String()).compile(dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+        # The compiler doubles '%' for format-style drivers; this SQL is printed for a DBA or run
+        # through db.run_sql (which escapes for the driver itself), so it must hold a plain '%'.
+        return text.replace("%%", "%") if self.dialect.paramstyle in ("format", "pyformat") else text
 
     def in_list(self, values) -> str:
         return ", ".join(self.literal(v) for v in values)

@@ -1,0 +1,108 @@
+"""`ti-guard doctor`: each check is shown passing on a healthy database and failing on a broken one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from ti_guard import catalog
+from ti_guard.policy import Policy
+
+
+def doctor(db, capsys, *args, url=None):
+    capsys.readouterr()
+    from ti_guard import cli
+
+    rc = cli.main(["doctor", "--url", url or db.url, *args])
+    return rc, capsys.readouterr().out
+
+
+def airflow_db(db):
+    """An Airflow-shaped metadata DB: task_instance and Airflow's own alembic_version."""
+    table = db.table()
+    db.sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+    db.sql("INSERT INTO alembic_version VALUES ('29ce7909c52b')")
+    return table
+
+
+def test_ready_database_then_nothing_to_do(db, capsys):
+    airflow_db(db)
+    rc, out = doctor(db, capsys)
+    assert rc == 0, out
+    assert out.startswith("READY: ti-guard doctor on ")
+    assert {"PostgreSQL", "MariaDB", "SQLite"} & set(out.split()) or "MariaDB" in out
+    assert "alembic_version is 29ce7909c52b" in out
+    assert "install would: run migration 0001" in out and "create trigger ti_guard_skip_" in out
+    with db.engine.connect() as conn:  # doctor only reads
+        assert catalog.read(conn, Policy()) == {} and catalog.read_settings(conn, Policy()) is None
+    db.install()
+    rc, out = doctor(db, capsys)
+    assert rc == 0 and "install would: do nothing: the guard is installed and current" in out, out
+    rc, out = doctor(db, capsys, "--mode=ignore")
+    assert rc == 0 and "drop trigger ti_guard_skip_" in out and "create trigger ti_guard_skip_" in out, out
+
+
+def test_not_an_airflow_database(db, capsys):
+    rc, out = doctor(db, capsys)
+    assert rc == 2 and "[FAIL] airflow: no table 'task_instance'" in out, out
+
+
+def test_missing_trigger_privilege(server_db, capsys):
+    airflow_db(server_db)
+    with server_db.account(("SELECT", "UPDATE")) as url:
+        rc, out = doctor(server_db, capsys, url=url)
+    assert rc == 2, out
+    assert "[FAIL] privileges: missing TRIGGER on task_instance" in out, out
+
+
+def test_long_transaction_is_a_lock_risk(server_db, capsys):
+    table = airflow_db(server_db)
+    rc, out = doctor(server_db, capsys, "--lock-timeout=0.5")
+    assert rc == 0 and "lock risk: no session" in out, out
+    with server_db.engine.connect() as holder:
+        holder.begin()
+        holder.execute(sa.update(table).values(state="running"))  # a writer that does not commit
+        time.sleep(1.1)
+        rc, out = doctor(server_db, capsys, "--lock-timeout=0.5")
+        holder.rollback()
+    assert rc == 1, out
+    assert "[warn] lock risk: 1 session(s)" in out and "gives up and changes nothing" in out, out
+
+
+def test_mysql_binary_log_is_reported_as_the_server_has_it(mysql_db, capsys):
+    airflow_db(mysql_db)
+    with mysql_db.engine.connect() as conn:
+        log_bin, trust = conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one()
+    rc, out = doctor(mysql_db, capsys)
+    assert f"binary log: {'on' if log_bin else 'off'}" in out and f"log_bin_trust_function_creators={trust}" in out, out
+
+
+def test_mysql_trigger_whose_definer_was_dropped(mysql_db, capsys):
+    """Every UPDATE on the table fails once the DEFINER is gone: status and doctor catch it, install repairs it."""
+    table = airflow_db(mysql_db)
+    with mysql_db.engine.begin() as conn:
+        conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
+    from ti_guard import cli
+
+    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url:
+        assert cli.main(["install", "--url", url]) == 0
+        heartbeat = sa.update(table).values(hostname="w1")
+        with mysql_db.engine.begin() as conn:  # with its definer alive, Airflow's writes go through
+            conn.execute(heartbeat)
+        assert cli.main(["status", "--url", mysql_db.url]) == 0
+    # the account is dropped now
+    with pytest.raises(sa.exc.DBAPIError) as broken:
+        with mysql_db.engine.begin() as conn:
+            conn.execute(heartbeat)
+    assert broken.value.orig.args[0] == 1449  # "The user specified as a definer does not exist"
+    capsys.readouterr()
+    assert cli.main(["status", "--url", mysql_db.url]) == 2
+    assert "an account that no longer exists" in capsys.readouterr().out
+    rc, out = doctor(mysql_db, capsys)
+    assert rc == 2 and "[FAIL] definer: trigger ti_guard_skip_" in out and "error 1449" in out, out
+    assert "replace trigger ti_guard_skip_" in out and "no longer exists" in out, out
+    assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
+    with mysql_db.engine.begin() as conn:
+        conn.execute(heartbeat)
