@@ -25,6 +25,15 @@ BACKENDS = ("postgresql", "mysql", "sqlite")
 SESSION = f"ti_guard_t{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
 
+def one_line_error(capsys, *needles) -> str:
+    """The CLI's promise for bad input: one line on stderr that names the cause (and the fix)."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ti-guard: error: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 def _admin(url):
     engine = make_engine(url, isolation_level="AUTOCOMMIT")
     try:

@@ -7,17 +7,10 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from conftest import one_line_error
 from ti_guard import catalog, cli, config
 from ti_guard.errors import GuardError
 from ti_guard.policy import Policy
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("ti-guard: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _nothing_installed(db):
@@ -38,19 +31,19 @@ def _nothing_installed(db):
 )
 def test_bad_urls(capsys, url, needle):
     assert cli.main(["install", "--url", url]) == 2
-    _one_line_error(capsys, needle)
+    one_line_error(capsys, needle)
 
 
 def test_no_task_instance_table(db, capsys):
     assert db.cli("install") == 2
-    _one_line_error(capsys, "no table 'task_instance'", "Airflow metadata database")
+    one_line_error(capsys, "no table 'task_instance'", "Airflow metadata database")
     _nothing_installed(db)
 
 
 def test_missing_column(db, capsys):
     db.sql("CREATE TABLE task_instance (dag_id VARCHAR(250), task_id VARCHAR(250), run_id VARCHAR(250), state VARCHAR(20))")
     assert db.cli("install") == 2
-    _one_line_error(capsys, "map_index", "start_date", "end_date")
+    one_line_error(capsys, "map_index", "start_date", "end_date")
     _nothing_installed(db)
 
 
@@ -94,7 +87,7 @@ def test_lock_held_by_a_long_transaction(server_db, capsys):
         holder.rollback()
         holder.close()
     assert rc == 2
-    _one_line_error(capsys, "could not lock task_instance", "gave up after 2 attempts")
+    one_line_error(capsys, "could not lock task_instance", "gave up after 2 attempts")
     _nothing_installed(server_db)
     assert server_db.cli("install") == 0  # once the lock is free
 
@@ -104,7 +97,7 @@ def test_too_few_privileges(server_db, capsys):
     server_db.table()
     with server_db.account(("SELECT", "UPDATE")) as url:
         assert cli.main(["install", "--url", url]) == 2
-    _one_line_error(capsys, "lacks a privilege")
+    one_line_error(capsys, "lacks a privilege")
     _nothing_installed(server_db)
 
 

@@ -15,24 +15,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import SESSION
+from conftest import one_line_error
 from ti_guard import airflow_writes as aw
 from ti_guard import catalog, cli
 from ti_guard.airflow_shape import task_instance_table
-from ti_guard.db import make_engine
 from ti_guard.policy import Policy
 
 ODD = 'Air "flow".Meta Data'
 ODD_TABLE = "Task 'Instance\".x"
 INJECTION = "running'); DROP TABLE task_instance; --"
-
-
-def _one_line(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("ti-guard: error: "), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _seed_and_skip(engine, table) -> str:
@@ -111,14 +102,14 @@ def test_injection_in_the_protected_states(db, capsys, route):
     db.table()
     if route == "--protect":
         assert db.cli("install", f"--protect={INJECTION}") == 2
-        err = _one_line(capsys)
+        err = one_line_error(capsys)
     elif route == "TI_GUARD_PROTECT":
         os.environ["TI_GUARD_PROTECT"] = INJECTION
         try:
             assert db.cli("install") == 2
         finally:
             del os.environ["TI_GUARD_PROTECT"]
-        err = _one_line(capsys)
+        err = one_line_error(capsys)
     else:
         result = subprocess.run(
             [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "-x", f"url={db.url}", "-x", f"protect={INJECTION}", "upgrade", "head"],
@@ -136,7 +127,7 @@ def test_injection_in_the_protected_states(db, capsys, route):
 def test_injection_in_the_schema_name(pg_db, capsys):
     pg_db.table()
     assert pg_db.cli("install", '--schema=public"; DROP TABLE task_instance; --') == 2
-    _one_line(capsys, "no table 'task_instance' in schema")
+    one_line_error(capsys, "no table 'task_instance' in schema")
     with pg_db.engine.connect() as conn:
         assert sa.inspect(conn).has_table("task_instance") and catalog.read(conn, Policy()) == {}
 
@@ -146,7 +137,7 @@ def test_read_only_account(server_db, capsys):
     server_db.table()
     with server_db.account(("SELECT",)) as url:
         assert cli.main(["install", "--url", url]) == 2
-        _one_line(capsys, "lacks a privilege")
+        one_line_error(capsys, "lacks a privilege")
     with server_db.engine.connect() as conn:
         assert catalog.read(conn, Policy()) == {}
         assert not [t for t in sa.inspect(conn).get_table_names() if t.startswith("ti_guard")]
@@ -165,7 +156,7 @@ def test_read_only_connection(pg_db, capsys):
     pg_db.table()
     url = sa.engine.make_url(pg_db.url).update_query_dict({"options": "-c default_transaction_read_only=on"})
     assert cli.main(["install", "--url", url.render_as_string(hide_password=False)]) == 2
-    _one_line(capsys, "read-only", "connect to the primary")
+    one_line_error(capsys, "read-only", "connect to the primary")
     with pg_db.engine.connect() as conn:
         assert catalog.read(conn, Policy()) == {}
         assert not [t for t in sa.inspect(conn).get_table_names() if t.startswith("ti_guard")]

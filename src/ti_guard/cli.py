@@ -59,34 +59,32 @@ def cmd_uninstall(args) -> int:
     return 0
 
 
+def _checked(settings, run, title) -> int:
+    """A Nagios-style check: a heading, one line per finding, the report's code (3 when it cannot run)."""
+    try:
+        report = run()
+    except Exception as exc:  # noqa: BLE001 - unknown is an answer too (Nagios 3)
+        print(f"UNKNOWN: {explain(exc, settings.policy.table)}")
+        return 3
+    print(f"{report.word.upper()}: {title(report)}")
+    for line in report.lines:
+        print(f"  {line}")
+    return report.code
+
+
 def cmd_status(args) -> int:
     from .lifecycle import status
 
     settings = _settings(args)
-    try:
-        report = status(settings)
-    except Exception as exc:  # noqa: BLE001 - unknown is an answer too (Nagios 3)
-        print(f"UNKNOWN: {explain(exc, settings.policy.table)}")
-        return 3
-    print(f"{report.word.upper()}: ti_guard on {settings.safe_url} ({report.policy.describe()})")
-    for line in report.lines:
-        print(f"  {line}")
-    return report.code
+    return _checked(settings, lambda: status(settings), lambda r: f"ti_guard on {settings.safe_url} ({r.policy.describe()})")
 
 
 def cmd_doctor(args) -> int:
     from .lifecycle import doctor
 
     settings = _settings(args)
-    try:
-        report = doctor(settings, explicit_policy=args.mode is not None or args.protect is not None)
-    except Exception as exc:  # noqa: BLE001 - cannot connect: unknown (Nagios 3)
-        print(f"UNKNOWN: {explain(exc, settings.policy.table)}")
-        return 3
-    print(f"{report.word.upper()}: ti-guard doctor on {settings.safe_url}")
-    for line in report.lines:
-        print(f"  {line}")
-    return report.code
+    explicit = args.mode is not None or args.protect is not None
+    return _checked(settings, lambda: doctor(settings, explicit_policy=explicit), lambda r: f"ti-guard doctor on {settings.safe_url}")
 
 
 def cmd_sql(args) -> int:
