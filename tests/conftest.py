@@ -20,7 +20,8 @@ from ti_guard.db import make_engine, run_sql
 from ti_guard.render import Quoter
 
 PG_URL = os.environ.get("TI_GUARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-MYSQL_URL = os.environ.get("TI_GUARD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+# ssl_disabled: PyMySQL builds a TLS context for every new connection, which dominated the MySQL tests.
+MYSQL_URL = os.environ.get("TI_GUARD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test?ssl_disabled=true")
 BACKENDS = ("postgresql", "mysql", "sqlite")
 SESSION = f"ti_guard_t{os.getpid()}_{uuid.uuid4().hex[:6]}"
 

@@ -64,7 +64,7 @@ def test_long_transaction_is_a_lock_risk(server_db, capsys):
     with server_db.engine.connect() as holder:
         holder.begin()
         holder.execute(sa.update(table).values(state="running"))  # a writer that does not commit
-        time.sleep(1.1)
+        time.sleep(2.1)  # MySQL counts the lock timeout and trx_started in whole seconds
         rc, out = doctor(server_db, capsys, "--lock-timeout=0.5")
         holder.rollback()
     assert rc == 1, out

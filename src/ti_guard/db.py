@@ -31,13 +31,17 @@ def make_engine(url: str, **kw) -> sa.Engine:
     return engine
 
 
+def effective_lock_timeout(dialect: str, seconds: float) -> float:
+    # MySQL's lock_wait_timeout (metadata locks) is whole seconds, at least 1.
+    return max(1, math.ceil(seconds)) if dialect == "mysql" else seconds
+
+
 def lock_timeout_statement(dialect: str, seconds: float) -> str | None:
     """Caps how long DDL waits for task_instance's lock, so writers never queue long behind it."""
     if dialect == "postgresql":
         return f"SET lock_timeout = '{int(seconds * 1000)}ms'"
     if dialect == "mysql":
-        # lock_wait_timeout (metadata locks) is whole seconds, at least 1.
-        return f"SET SESSION lock_wait_timeout = {max(1, math.ceil(seconds))}"
+        return f"SET SESSION lock_wait_timeout = {effective_lock_timeout(dialect, seconds):g}"
     return None
 
 
@@ -67,7 +71,7 @@ def with_lock_retries(engine: sa.Engine, settings, work):
                 time.sleep(min(10.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
                 continue
             if isinstance(error, LockTimeout):
-                error = LockTimeout(f"{error} (gave up after {attempt} attempts of {settings.lock_timeout:g}s)")
+                error = LockTimeout(f"{error} (gave up after {attempt} attempts of {effective_lock_timeout(dialect, settings.lock_timeout):g}s)")
             raise error from None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from . import catalog, installation
+from .db import effective_lock_timeout
 from .errors import GuardError, explain
 from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
@@ -126,14 +127,15 @@ def _needs(p: Probe, have: dict[str, bool], what: str) -> None:
 
 
 def _lock_verdict(p: Probe, holders, long_queries: int, what: str) -> None:
-    budget = f"lock timeout {p.settings.lock_timeout:g}s x {p.settings.lock_retries} attempts"
+    timeout = effective_lock_timeout(dialect_name(p.conn.dialect.name), p.settings.lock_timeout)
+    budget = f"lock timeout {timeout:g}s x {p.settings.lock_retries} attempts"
     if not holders:
         p.report.say(OK, "lock risk", f"no session {what} right now; {long_queries} statement(s) running longer than {p.settings.lock_timeout:g}s ({budget})")
         return
     ages = [age for _pid, age in holders if age is not None]
     oldest = f"oldest open {max(ages):.0f}s" if ages else "ages hidden: grant pg_read_all_stats / PROCESS to see them"
     sessions = ", ".join(str(pid) for pid, _ in holders[:5])
-    level = WARNING if not ages or max(ages) > p.settings.lock_timeout else OK
+    level = WARNING if not ages or max(ages) > timeout else OK
     p.report.say(level, "lock risk", f"{len(holders)} session(s) {what} (ids {sessions}; {oldest}); install waits at most {budget}, then gives up and changes nothing")
 
 
