@@ -13,6 +13,7 @@ from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+COLUMNS_CHANGED = "the table's columns changed since install; ignore mode restores every column"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
 
 
@@ -50,17 +51,20 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if not recorded:
         report.worse(WARNING, "the settings record ti_guard_settings is missing: run ti-guard install")
     objects = expected(conn, policy, columns)
+    stale = {name: _stale_reason(conn, policy, have, columns) for name, have in installed.items() if name not in {o.name for o in objects}}
     for obj in objects:
         have = installed.get(obj.name)
-        if have is None:
+        if have is None and COLUMNS_CHANGED in stale.values():
+            # The old trigger still refuses; it only restores fewer columns than the table now has.
+            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the one in place predates a column change: run ti-guard install")
+        elif have is None:
             report.worse(CRITICAL, f"{obj.kind} {obj.name} is missing: {_missing_hint(conn, policy, installed)}")
         elif have.definition != obj.definition:
             report.worse(WARNING, f"{obj.kind} {obj.name} was changed by hand: run ti-guard install to restore it")
         elif not have.enabled:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
-    for name, have in installed.items():
-        if name not in {o.name for o in objects}:
-            report.worse(WARNING, f"{have.kind} {name} is not part of the expected guard ({_stale_reason(conn, policy, have, columns)}): run ti-guard install")
+    for name, reason in stale.items():
+        report.worse(WARNING, f"{installed[name].kind} {name} is not part of the expected guard ({reason}): run ti-guard install")
     if dialect_name(conn.dialect.name) == "mysql":
         _check_definers(conn, installed, report)
     version = catalog.revision(conn, VERSION_TABLE, policy.db_schema)
@@ -81,7 +85,7 @@ def _stale_reason(conn, policy: Policy, have, columns) -> str:
     if dialect_name(conn.dialect.name) == "mysql" and policy.mode == "ignore":
         restored = re.findall(r"NEW\.`?([A-Za-z0-9_]+)`? = OLD\.", have.definition)
         if restored and restored != list(columns):
-            return "the table's columns changed since install; ignore mode restores every column"
+            return COLUMNS_CHANGED
     return "left from another definition or setting"
 
 
