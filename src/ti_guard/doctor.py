@@ -7,6 +7,7 @@ codes as `status`: 0 ready, 1 ready with warnings, 2 install would fail or harm,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ class Probe:
     policy: Policy
     report: Checkup
     columns: list[str] | None = None
+
+    @functools.cached_property
+    def grants(self) -> catalog.MySQLGrants:
+        return catalog.mysql_grants(self.conn, self.policy)
 
 
 def diagnose(conn: sa.Connection, settings, policy: Policy, head: str) -> Checkup:
@@ -196,7 +201,8 @@ def _pg_lock_risk(p: Probe) -> None:
         "AND now() - query_start > make_interval(secs => :t)",
         t=p.settings.lock_timeout,
     )
-    _lock_verdict(p, [(pid, age) for pid, age in holders], long_queries, "holding a lock on the table that CREATE TRIGGER waits for")
+    by_session = {pid: age for pid, age in holders}  # a session can hold several modes
+    _lock_verdict(p, list(by_session.items()), long_queries, "holding a lock on the table that CREATE TRIGGER waits for")
 
 
 # --- MySQL / MariaDB -------------------------------------------------------------------
@@ -204,14 +210,14 @@ def _pg_lock_risk(p: Probe) -> None:
 
 def _mysql_server(p: Probe) -> None:
     version, comment, read_only = _first(p, "SELECT VERSION(), @@version_comment, @@read_only")
-    grants = catalog.mysql_grants(p.conn, p.policy)
+    grants = p.grants
     p.report.say(OK, "server", f"{version} ({comment}), user {grants.account}")
     if read_only and "SUPER" not in grants.server:
         p.report.say(CRITICAL, "server", "the server is read_only: connect to the primary")
 
 
 def _mysql_privileges(p: Probe) -> None:
-    grants = catalog.mysql_grants(p.conn, p.policy)
+    grants = p.grants
     database = p.policy.schema or _scalar(p, "SELECT DATABASE()")
     have = {f"TRIGGER on {p.policy.table}": "TRIGGER" in grants.table}
     have.update({f"{priv} on {database}": priv in grants.database for priv in ("CREATE", "DROP", "INSERT", "UPDATE", "DELETE", "SELECT")})
@@ -219,7 +225,7 @@ def _mysql_privileges(p: Probe) -> None:
 
 
 def _mysql_binlog(p: Probe) -> None:
-    grants = catalog.mysql_grants(p.conn, p.policy)
+    grants = p.grants
     log_bin, trust, fmt = _first(p, "SELECT @@log_bin, @@log_bin_trust_function_creators, @@binlog_format")
     if log_bin and not trust and "SUPER" not in grants.server:
         p.report.say(CRITICAL, "binary log", f"on ({fmt}), log_bin_trust_function_creators=0 and no SUPER: CREATE TRIGGER fails (error 1419); set log_bin_trust_function_creators=1 or install as an account with SUPER")
@@ -228,7 +234,7 @@ def _mysql_binlog(p: Probe) -> None:
 
 
 def _mysql_definers(p: Probe) -> None:
-    grants = catalog.mysql_grants(p.conn, p.policy)
+    grants = p.grants
     if "PROCESS" in grants.server:
         p.report.say(OK, "definer", f"the guard's triggers will be defined by {grants.account}, which has PROCESS (the bypass reads INNODB_TRX)")
     else:
@@ -238,9 +244,7 @@ def _mysql_definers(p: Probe) -> None:
     triggers = [
         catalog.Installed("trigger", name, "", True, definer)
         for name, definer in p.conn.execute(
-            sa.text("SELECT TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = :t")
-            if not p.policy.schema
-            else sa.text("SELECT TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = :db AND EVENT_OBJECT_TABLE = :t"),
+            sa.text("SELECT TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = COALESCE(:db, DATABASE()) AND EVENT_OBJECT_TABLE = :t"),
             {"db": p.policy.schema, "t": p.policy.table},
         )
     ]
@@ -266,7 +270,7 @@ def _mysql_table(p: Probe) -> None:
 
 
 def _mysql_lock_risk(p: Probe) -> None:
-    if "PROCESS" not in catalog.mysql_grants(p.conn, p.policy).server:
+    if "PROCESS" not in p.grants.server:
         p.report.say(WARNING, "lock risk", "cannot see other sessions without PROCESS: unknown")
         return
     # InnoDB does not say which tables a transaction touched: count every open transaction of a
