@@ -190,3 +190,40 @@ def test_sql_files_through_real_clients_match_the_alembic_route(db):
     assert db.cli("status") == 0
     _run_client(db, "uninstall.sql")
     assert objects(db) == {} and tables(db) == set()
+
+
+def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
+    """SQLite answers SQLITE_BUSY at once (no busy wait) when a reader wants to become a writer
+    while another connection writes; install must retry that like a lock timeout, not fail."""
+    import threading
+
+    from ti_guard import cli
+    from ti_guard.airflow_shape import task_instance_table
+    from ti_guard.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'airflow.db'}"
+    engine = make_engine(url)
+    table = task_instance_table(sa.MetaData())
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
+    stop, commits = threading.Event(), []
+
+    def heartbeats():
+        while not stop.is_set():
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.update(table).values(hostname=f"w{len(commits)}"))
+                commits.append(1)
+            except sa.exc.OperationalError:
+                pass  # the install holds the lock for a moment: Airflow would retry too
+
+    writer = threading.Thread(target=heartbeats)
+    writer.start()
+    try:
+        results = [cli.main(["install", "--url", url, "--mode", mode]) for mode in ("raise", "ignore", "raise")]
+    finally:
+        stop.set()
+        writer.join()
+    engine.dispose()
+    assert len(commits) > 10 and results == [0, 0, 0]

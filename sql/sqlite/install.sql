@@ -1,5 +1,8 @@
 BEGIN;
 
+PRAGMA busy_timeout = 2000;
+
+
 CREATE TABLE ti_guard_alembic_version (
     version_num VARCHAR(32) NOT NULL, 
     CONSTRAINT ti_guard_alembic_version_pkc PRIMARY KEY (version_num)

@@ -1,5 +1,8 @@
 BEGIN;
 
+PRAGMA busy_timeout = 2000;
+
+
 -- Running downgrade 0001 -> 
 
 DROP TRIGGER IF EXISTS ti_guard_stamp_2f3c4cb7;

@@ -105,7 +105,7 @@ def cmd_set_state(args) -> int:
     from .runtime import set_state
 
     settings = _settings(args)
-    engine = make_engine(settings.url)
+    engine = make_engine(settings.url, writes=True)
     try:
         print(set_state(engine, settings.policy, args.dag_id, args.task_id, args.run_id, args.map_index, args.state))
     finally:

@@ -12,8 +12,13 @@ from sqlalchemy.pool import NullPool
 from .render import dialect_name
 
 
-def make_engine(url: str, **kw) -> sa.Engine:
-    """An engine that opens a fresh connection per use; on SQLite, DDL joins the transaction."""
+def make_engine(url: str, writes: bool = False, **kw) -> sa.Engine:
+    """An engine that opens a fresh connection per use; on SQLite, DDL joins the transaction.
+
+    writes: on SQLite, take the write lock when the transaction begins (BEGIN IMMEDIATE), which
+    waits in the busy timeout; a transaction that reads first and then writes gets SQLITE_BUSY at
+    once whenever another connection is writing, and a busy Airflow is always writing.
+    """
     dialect = dialect_name(sa.engine.make_url(url).drivername)
     connect_args = {"connect_timeout": 5} if dialect in ("postgresql", "mysql") else {}
     engine = sa.create_engine(url, poolclass=kw.pop("poolclass", NullPool), connect_args=connect_args, **kw)
@@ -26,7 +31,7 @@ def make_engine(url: str, **kw) -> sa.Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
     return engine
 
@@ -42,6 +47,8 @@ def lock_timeout_statement(dialect: str, seconds: float) -> str | None:
         return f"SET lock_timeout = '{int(seconds * 1000)}ms'"
     if dialect == "mysql":
         return f"SET SESSION lock_wait_timeout = {effective_lock_timeout(dialect, seconds):g}"
+    if dialect == "sqlite":
+        return f"PRAGMA busy_timeout = {int(seconds * 1000)}"
     return None
 
 

@@ -63,6 +63,9 @@ def explain(exc: BaseException, table: str = "task_instance") -> GuardError:
     low = detail.lower()
     if "connection refused" in low or "could not connect" in low or "connection failed" in low or "can't connect" in low:
         return GuardError(f"cannot connect to the database: {detail}; check host and port in the URL and that the server runs")
+    if "database is locked" in low:
+        # SQLite answers at once, without its busy wait, when a reader would have to wait to write.
+        return LockTimeout(f"could not lock the SQLite database within the lock timeout: {detail}; another connection is writing; retry later or raise --lock-timeout")
     if "unable to open database file" in low:
         return GuardError(f"cannot open the SQLite file: {detail}; check the path in the URL")
     if "readonly" in low.replace("-", "").replace(" ", "") or "read-only" in low:

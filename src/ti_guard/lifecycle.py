@@ -25,7 +25,7 @@ def _reconcile(conn, work):
 
 
 def install(settings, explicit_policy: bool) -> list[str]:
-    engine = make_engine(settings.url)
+    engine = make_engine(settings.url, writes=True)
     try:
         recorded = with_lock_retries(engine, settings, lambda conn: _recorded(conn, settings.policy))
         if recorded and not explicit_policy:
@@ -39,7 +39,7 @@ def install(settings, explicit_policy: bool) -> list[str]:
 
 
 def uninstall(settings) -> list[str]:
-    engine = make_engine(settings.url)
+    engine = make_engine(settings.url, writes=True)
     try:
         command.downgrade(alembic_config(settings), "base")
         # Sweep what an interrupted install left outside the revision history.

@@ -72,7 +72,7 @@ def run_offline(settings, dialect: str) -> None:
 
 
 def run_online(settings) -> None:
-    engine = make_engine(settings.url)
+    engine = make_engine(settings.url, writes=True)
     dialect = dialect_name(settings.url)
     try:
         with_lock_retries(engine, settings, lambda conn: _migrate(conn, settings, dialect))
