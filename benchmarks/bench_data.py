@@ -14,18 +14,18 @@ Layout: run r = i // TASKS_PER_RUN, task t = i % TASKS_PER_RUN.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
 from ti_guard.airflow_shape import task_instance_table
-from ti_guard.db import make_engine
+from ti_guard.db import make_engine, scratch_database
 from ti_guard.render import dialect_name
 
 TASKS_PER_RUN = 100
@@ -75,26 +75,15 @@ class BenchDB:
 
 def open_db(backend: str) -> BenchDB:
     """A uniquely named empty database (a temp file on SQLite) with an empty task_instance."""
-    name = f"ti_guard_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     undo = []
     if backend == "sqlite":
-        folder = tempfile.mkdtemp(prefix=name)
+        folder = tempfile.mkdtemp(prefix="ti_guard_bench_")
         undo.append(lambda: shutil.rmtree(folder, ignore_errors=True))
         url = f"sqlite:///{folder}/airflow.db"
     else:
-        admin = make_engine(DEFAULT_URLS[backend], isolation_level="AUTOCOMMIT")
-        quoted = admin.dialect.identifier_preparer.quote(name)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-        force = " WITH (FORCE)" if backend == "postgresql" else ""
-
-        def drop():
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}{force}")
-            admin.dispose()
-
-        undo.append(drop)
-        url = sa.engine.make_url(DEFAULT_URLS[backend]).set(database=name).render_as_string(hide_password=False)
+        scratch = contextlib.ExitStack()
+        url = scratch.enter_context(scratch_database(DEFAULT_URLS[backend], "ti_guard_bench"))
+        undo.append(scratch.close)
     # The digits cross join is deliberate; SQLAlchemy's linter misreads it on MySQL.
     engine = make_engine(url, enable_from_linting=False)
     db = BenchDB(backend, url, engine, task_instance_table(sa.MetaData(), "3.x"), 0, undo)

@@ -6,12 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from ti_guard import catalog
+from ti_guard import catalog, cli
+from ti_guard.airflow_shape import task_instance_table
+from ti_guard.db import make_engine
 from ti_guard.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +198,6 @@ def test_sql_files_through_real_clients_match_the_alembic_route(db):
 def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
     """SQLite answers SQLITE_BUSY at once (no busy wait) when a reader wants to become a writer
     while another connection writes; install must retry that like a lock timeout, not fail."""
-    import threading
-
-    from ti_guard import cli
-    from ti_guard.airflow_shape import task_instance_table
-    from ti_guard.db import make_engine
-
     url = f"sqlite:///{tmp_path / 'airflow.db'}"
     engine = make_engine(url)
     table = task_instance_table(sa.MetaData())

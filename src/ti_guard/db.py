@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
+import uuid
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -34,6 +37,25 @@ def make_engine(url: str, writes: bool = False, **kw) -> sa.Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
     return engine
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str):
+    """A uniquely named, empty database on the server `server_url` names; yields its URL and drops
+    it afterwards. For the harnesses, benchmarks and test suites, never for Airflow's database."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(server_url, isolation_level="AUTOCOMMIT")
+    quoted = admin.dialect.identifier_preparer.quote(name)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+        yield sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        # FORCE: a harness that failed may leave a connection open (PostgreSQL 13+).
+        force = " WITH (FORCE)" if admin.dialect.name == "postgresql" else ""
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}{force}")
+        admin.dispose()
 
 
 def effective_lock_timeout(dialect: str, seconds: float) -> float:

@@ -57,6 +57,19 @@ class Probe:
     def grants(self) -> catalog.MySQLGrants:
         return catalog.mysql_grants(self.conn, self.policy)
 
+    @functools.cached_property
+    def pg_relation(self):
+        """(schema, (oid, owner, estimated rows, size) or None) of the table, read once."""
+        schema = self.policy.schema or self.conn.exec_driver_sql("SELECT current_schema()").scalar()
+        row = self.conn.execute(
+            sa.text(
+                "SELECT c.oid, pg_get_userbyid(c.relowner), c.reltuples::bigint, pg_total_relation_size(c.oid) "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :s AND c.relname = :t"
+            ),
+            {"s": schema, "t": self.policy.table},
+        ).first()
+        return schema, row
+
 
 def diagnose(conn: sa.Connection, settings, policy: Policy, head: str) -> Checkup:
     """Every check in turn; one that cannot run (a privilege, a missing view) says so and the rest still run."""
@@ -156,26 +169,14 @@ def _pg_server(p: Probe) -> None:
     p.report.say(OK, "definer", "none on PostgreSQL: triggers run as the writing user; the function is SECURITY INVOKER with a pinned search_path")
 
 
-def _pg_relation(p: Probe):
-    schema = p.policy.schema or _scalar(p, "SELECT current_schema()")
-    row = _first(
-        p,
-        "SELECT c.oid, pg_get_userbyid(c.relowner), c.reltuples::bigint, pg_total_relation_size(c.oid) "
-        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :s AND c.relname = :t",
-        s=schema,
-        t=p.policy.table,
-    )
-    return schema, row
-
-
 def _pg_table(p: Probe) -> None:
-    _schema, row = _pg_relation(p)
+    _schema, row = p.pg_relation
     if row:
         p.report.say(OK, "table", f"{_rows(row[2])} (planner estimate), {_size(row[3])} with indexes")
 
 
 def _pg_privileges(p: Probe) -> None:
-    schema, row = _pg_relation(p)
+    schema, row = p.pg_relation
     have = {f"TRIGGER on {p.policy.table}": bool(row) and _scalar(p, "SELECT has_table_privilege(:oid, 'TRIGGER')", oid=row[0])}
     have[f"CREATE on schema {schema!r}"] = _scalar(p, "SELECT has_schema_privilege(:s, 'CREATE')", s=schema)
     _needs(p, have, f"install needs both (the function and two small tables go in the schema); run as the owner of {p.policy.table}")
@@ -184,7 +185,7 @@ def _pg_privileges(p: Probe) -> None:
 
 
 def _pg_lock_risk(p: Probe) -> None:
-    _schema, row = _pg_relation(p)
+    _schema, row = p.pg_relation
     if not row:
         return
     holders = p.conn.execute(

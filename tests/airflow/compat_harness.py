@@ -10,19 +10,19 @@ checks the upgrade path: an older Airflow schema, the guard, then `airflow db mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
 
 import airflow_venv
 from ti_guard import airflow_writes, catalog
-from ti_guard.db import make_engine
+from ti_guard.db import make_engine, scratch_database
 from ti_guard.policy import Policy
 from ti_guard.render.mysql import CURRENT_TRX_ID, INNODB_TRX_CACHE_SECONDS
 
@@ -65,30 +65,19 @@ class Database:
     """A uniquely named, empty database (a file for SQLite), with the URLs each side needs."""
 
     def __init__(self, backend: str, admin_urls: dict, workdir: Path, label: str):
-        self.backend, self.admin = backend, None
+        self.backend = backend
+        self._scratch = contextlib.ExitStack()
         if backend == "sqlite":
             path = workdir / f"{label}.db"
             self.url = self.airflow_url = f"sqlite:///{path}"
             return
-        self.name = f"ti_guard_af_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        base = sa.engine.make_url(admin_urls[backend])
-        self.admin = make_engine(admin_urls[backend], isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {conn.dialect.identifier_preparer.quote(self.name)}")
-        url = base.set(database=self.name)
-        self.url = url.render_as_string(hide_password=False)
+        self.url = self._scratch.enter_context(scratch_database(admin_urls[backend], "ti_guard_af"))
         # Airflow is driven with the drivers its docs name: psycopg2 and PyMySQL.
         driver = "postgresql+psycopg2" if backend == "postgresql" else "mysql+pymysql"
-        self.airflow_url = url.set(drivername=driver).render_as_string(hide_password=False)
+        self.airflow_url = sa.engine.make_url(self.url).set(drivername=driver).render_as_string(hide_password=False)
 
     def drop(self):
-        if self.admin is None:
-            return
-        with self.admin.connect() as conn:
-            name = conn.dialect.identifier_preparer.quote(self.name)
-            force = " WITH (FORCE)" if self.backend == "postgresql" else ""
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
-        self.admin.dispose()
+        self._scratch.close()
 
     def server_version(self) -> str:
         engine = make_engine(self.url)

@@ -18,9 +18,7 @@ import os
 import platform
 import re
 import sys
-import uuid
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import sqlalchemy as sa
 
 from ti_guard import cli
 from ti_guard.airflow_shape import task_instance_table
-from ti_guard.db import make_engine
+from ti_guard.db import make_engine, scratch_database
 from ti_guard.policy import DEFAULT_PROTECT
 from ti_guard.render import dialect_name
 
@@ -167,20 +165,6 @@ def run(url: str, plan: Plan, variants=VARIANTS, baseline_races: int | None = No
     return results
 
 
-@contextmanager
-def scratch_database(url: str):
-    """A database of its own on the server `url` names, dropped afterwards."""
-    name = f"ti_guard_race_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield sa.engine.make_url(url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        force = " WITH (FORCE)" if admin.dialect.name == "postgresql" else ""
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
-        admin.dispose()
 
 
 def refuse_a_used_database(url: str) -> None:
@@ -270,7 +254,7 @@ def main(argv=None) -> int:
             refuse_a_used_database(url)
             got = run(url, plan, baseline_races=args.baseline_races)
         else:
-            with scratch_database(url) as scratch:
+            with scratch_database(url, "ti_guard_race") as scratch:
                 got = run(url=scratch, plan=plan, baseline_races=args.baseline_races)
         for r in got:
             print(table([r]).splitlines()[-1], flush=True)
