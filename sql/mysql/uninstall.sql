@@ -3,7 +3,7 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_skip_05269461;
+DROP TRIGGER IF EXISTS ti_guard_skip_e2e23c15;
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

@@ -2,8 +2,8 @@
 
 Only syntax both servers accept: no CREATE OR REPLACE TRIGGER, no IF NOT EXISTS on
 triggers. MySQL has neither WHEN nor a column list, so the trigger body fires for every
-row of every UPDATE; it tests NEW.state first, which makes a write that is not to skipped
-as cheap as an empty trigger.
+row of every UPDATE. A row that is not being set to skipped meets one small byte comparison
+and leaves; what that costs against an empty trigger is counted in benchmarks/NOTES.md.
 
 MySQL cannot see which columns a statement wrote, only values. The racy skip writer stamps
 start_date and end_date with one `now`, so a skip whose end_date equals its start_date is
@@ -31,49 +31,60 @@ CURRENT_TRX_ID = "SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mys
 INNODB_TRX_CACHE_SECONDS = 0.11
 # Within one statement NOW(6) is fixed, so this names "this bypass, this statement".
 _VERIFIED = "CONCAT(@ti_guard_bypass, '@', NOW(6))"
+MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
 
 
+def _nested(tests: list[str], action: str, depth: int = 1) -> str:
+    """IF a THEN IF b THEN ... action, one test per IF, in the order given."""
+    pad = "    " * depth
+    if not tests:
+        return "\n".join(pad + line for line in action.splitlines())
+    return f"{pad}IF {tests[0]} THEN\n{_nested(tests[1:], action, depth + 1)}\n{pad}END IF;"
+
+
 def render(policy: Policy, columns=None) -> list[GuardObject]:
     q = Quoter(mysql.dialect(), policy)
-    refused = f"OLD.state IN ({q.in_list(policy.protect)})"
+
+    # States compare byte for byte, as on PostgreSQL and SQLite: no collation to settle per row,
+    # the cheapest form of the test measured (an introducer such as _binary'skipped' counts the
+    # same but MySQL drops it from the body it shows, so the guard could not recognise itself).
+    new_state, old_state = "CAST(NEW.state AS BINARY)", "CAST(OLD.state AS BINARY)"
+    # MariaDB re-prepares the whole expression of an IF each time the IF runs, short-circuit or
+    # not, so a row costs the size of the tests it meets: the one every row meets comes first
+    # and is the smallest, and each later test stands alone (the whole rule in one IF cost the
+    # rows that are not skips 3x the instructions of these nested ones: benchmarks/NOTES.md).
+    tests = [f"{new_state} = 'skipped'", f"{old_state} IN ({q.in_list(policy.protect)})"]
     if "running" in policy.protect:
-        refused += (
-            "\n            AND NOT (OLD.state = 'running' AND NEW.end_date IS NOT NULL"
+        tests.append(
+            f"NOT ({old_state} = 'running' AND NEW.end_date IS NOT NULL"
             " AND NEW.start_date <=> OLD.start_date AND NOT (NEW.end_date <=> NEW.start_date))"
         )
     if policy.mode == "raise":
+        # A user variable, not a DECLAREd one: a local variable costs every row that enters the
+        # trigger (its frame is built per call), refusing or not.
         action = (
-            "BEGIN\n"
-            f"                    DECLARE msg VARCHAR({MESSAGE_LIMIT});\n"
-            "                    SET msg = LEFT(CONCAT('ti_guard: refused ', OLD.state, ' -> skipped for dag_id=', OLD.dag_id,\n"
-            "                        ' task_id=', OLD.task_id, ' map_index=', OLD.map_index, ' run_id=', OLD.run_id), "
-            f"{MESSAGE_LIMIT});\n"
-            "                    SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = msg;\n"
-            "                END;"
+            f"SET {MESSAGE_VARIABLE} = LEFT(CONCAT('ti_guard: refused ', OLD.state, ' -> skipped for dag_id=', OLD.dag_id,\n"
+            f"    ' task_id=', OLD.task_id, ' map_index=', OLD.map_index, ' run_id=', OLD.run_id), {MESSAGE_LIMIT});\n"
+            f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = {MESSAGE_VARIABLE};"
         )
     else:
         if not columns:
             raise GuardError("ignore mode on MySQL needs the table's columns (it sets every column of NEW back to OLD)")
-        action = "SET " + ",\n                    ".join(f"NEW.{q.ident(c)} = OLD.{q.ident(c)}" for c in columns) + ";"
-    body = (
-        "BEGIN\n"
-        "    IF NEW.state = 'skipped' THEN\n"
-        f"        IF {refused} THEN\n"
-        f"            IF @ti_guard_bypass IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
-        f"                DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
-        f"                IF @ti_guard_bypass <=> ({CURRENT_TRX_ID}) THEN\n"
-        f"                    SET @ti_guard_bypass_at = {_VERIFIED};\n"
-        "                END IF;\n"
-        "            END IF;\n"
-        f"            IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
-        f"                {action}\n"
-        "            END IF;\n"
-        "        END IF;\n"
+        action = "SET " + ",\n    ".join(f"NEW.{q.ident(c)} = OLD.{q.ident(c)}" for c in columns) + ";"
+    guarded = (
+        f"IF {BYPASS_VARIABLE} IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        f"    DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
+        f"    IF {BYPASS_VARIABLE} <=> ({CURRENT_TRX_ID}) THEN\n"
+        f"        SET @ti_guard_bypass_at = {_VERIFIED};\n"
         "    END IF;\n"
-        "END"
+        "END IF;\n"
+        f"IF {BYPASS_VARIABLE} IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        + "\n".join("    " + line for line in action.splitlines())
+        + "\nEND IF;"
     )
+    body = f"BEGIN\n{_nested(tests, guarded)}\nEND"
     tail = f"BEFORE UPDATE ON {q.table} FOR EACH ROW\n{body}"
     name = f"ti_guard_skip_{short_hash(tail)}"
     return [
