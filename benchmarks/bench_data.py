@@ -73,7 +73,7 @@ class BenchDB:
         return text.split(",")[0] if self.backend == "postgresql" else f"MySQL-protocol server {text}"
 
 
-def open_db(backend: str) -> BenchDB:
+def open_db(backend: str, server_url: str | None = None) -> BenchDB:
     """A uniquely named empty database (a temp file on SQLite) with an empty task_instance."""
     undo = []
     if backend == "sqlite":
@@ -82,7 +82,7 @@ def open_db(backend: str) -> BenchDB:
         url = f"sqlite:///{folder}/airflow.db"
     else:
         scratch = contextlib.ExitStack()
-        url = scratch.enter_context(scratch_database(DEFAULT_URLS[backend], "ti_guard_bench"))
+        url = scratch.enter_context(scratch_database(server_url or DEFAULT_URLS[backend], "ti_guard_bench"))
         undo.append(scratch.close)
     # The digits cross join is deliberate; SQLAlchemy's linter misreads it on MySQL.
     engine = make_engine(url, enable_from_linting=False)

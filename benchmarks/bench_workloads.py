@@ -97,28 +97,55 @@ def heartbeats(db: BenchDB, ids: list, per_thread: int) -> float:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _proc_cpu(stat: str):
+    """A clock over a /proc stat file: utime + stime of that process or thread, in seconds."""
+
+    def read():
+        with open(stat) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    return read
+
+
+def _mysql_thread_stat(conn) -> str:
+    """/proc path of the server thread running this connection, if the server runs here.
+
+    MariaDB names the OS thread in PROCESSLIST.TID, MySQL 8 in performance_schema.threads.
+    """
+    pid_file = conn.exec_driver_sql("SELECT @@pid_file").scalar()
+    for query in (
+        "SELECT TID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()",
+        "SELECT THREAD_OS_ID FROM performance_schema.threads WHERE PROCESSLIST_ID = CONNECTION_ID()",
+    ):
+        try:
+            with conn.begin_nested():
+                tid = conn.exec_driver_sql(query).scalar()
+        except sa.exc.DBAPIError:
+            continue
+        if tid and pid_file and os.path.exists(pid_file):
+            with open(pid_file) as f:
+                return f"/proc/{f.read().strip()}/task/{tid}/stat"
+    return ""
+
+
 def _cpu_clock(db: BenchDB, conn):
     """CPU seconds spent so far by whatever executes this connection's statements, or None.
 
     Other people's load on a shared machine stretches wall time at random; the CPU time the
-    statement itself burns barely moves. PostgreSQL runs each connection in its own process
-    (read from /proc when the server is local); SQLite runs in this thread. MariaDB runs
-    connections as threads of one server process and, with performance_schema off, does not
-    say which: it is timed by the wall clock.
+    statement itself burns barely moves. SQLite runs in this thread; PostgreSQL runs each
+    connection in its own process, MariaDB and MySQL in a thread of theirs, both read from
+    /proc when the server runs on this machine.
     """
     if db.backend == "sqlite":
         return time.thread_time
+    if db.engine.url.host not in (None, "", "localhost", "127.0.0.1", "::1"):
+        return None  # a process id from another machine would name some process of this one
     if db.backend == "postgresql":
         stat = f"/proc/{conn.exec_driver_sql('SELECT pg_backend_pid()').scalar()}/stat"
-        if os.path.exists(stat):
-
-            def backend_cpu():
-                with open(stat) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-
-            return backend_cpu
-    return None
+    else:
+        stat = _mysql_thread_stat(conn)
+    return _proc_cpu(stat) if stat and os.path.exists(stat) else None
 
 
 def _wal_position(db: BenchDB, conn):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from . import catalog
-from .installation import expected
+from .installation import definition_id, expected
 from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
@@ -52,11 +52,15 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
         report.worse(WARNING, "the settings record ti_guard_settings is missing: run ti-guard install")
     objects = expected(conn, policy, columns)
     stale = {name: _stale_reason(conn, policy, have, columns) for name, have in installed.items() if name not in {o.name for o in objects}}
+    earlier = _earlier_guard_intact(recorded, installed, objects)
     for obj in objects:
         have = installed.get(obj.name)
         if have is None and COLUMNS_CHANGED in stale.values():
             # The old trigger still refuses; it only restores fewer columns than the table now has.
             report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the one in place predates a column change: run ti-guard install")
+        elif have is None and earlier:
+            # Same settings, other SQL: what another ti-guard release rendered, whole and enabled.
+            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the guard in place ({earlier}) was written by another ti-guard release and still guards: run ti-guard install to replace it")
         elif have is None:
             report.worse(CRITICAL, f"{obj.kind} {obj.name} is missing: {_missing_hint(conn, policy, installed)}")
         elif have.definition != obj.definition:
@@ -73,6 +77,13 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if report.code == OK:
         report.lines.append(f"{len(objects)} object(s) on {policy.table} match {policy.describe()} (revision {version})")
     return report
+
+
+def _earlier_guard_intact(recorded, installed, objects) -> str:
+    """The recorded object names, when they are all installed and enabled and are not today's."""
+    names = recorded.get("definition", "").split(",") if recorded else []
+    whole = names and all(n in installed and installed[n].enabled for n in names)
+    return recorded["definition"] if whole and recorded["definition"] != definition_id(objects) else ""
 
 
 def _missing_hint(conn, policy, installed) -> str:

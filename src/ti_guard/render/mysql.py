@@ -54,7 +54,7 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
     # MariaDB re-prepares the whole expression of an IF each time the IF runs, short-circuit or
     # not, so a row costs the size of the tests it meets: the one every row meets comes first
     # and is the smallest, and each later test stands alone (the whole rule in one IF cost the
-    # rows that are not skips 3x the instructions of these nested ones: benchmarks/NOTES.md).
+    # rows that are not skips 2.3x the instructions of the same tests nested: benchmarks/NOTES.md).
     tests = [f"{new_state} = 'skipped'", f"{old_state} IN ({q.in_list(policy.protect)})"]
     if "running" in policy.protect:
         tests.append(
