@@ -55,12 +55,10 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     earlier = _earlier_guard_intact(recorded, installed, objects)
     for obj in objects:
         have = installed.get(obj.name)
-        if have is None and COLUMNS_CHANGED in stale.values():
-            # The old trigger still refuses; it only restores fewer columns than the table now has.
-            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the one in place predates a column change: run ti-guard install")
-        elif have is None and earlier:
-            # Same settings, other SQL: what another ti-guard release rendered, whole and enabled.
-            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the guard in place ({earlier}) was written by another ti-guard release and still guards: run ti-guard install to replace it")
+        if have is None and earlier:
+            # The recorded guard is whole and enabled, only not today's SQL: it still refuses.
+            why = "predates a column change" if COLUMNS_CHANGED in stale.values() else "was written by another ti-guard release"
+            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the guard in place ({earlier}) {why} and still guards: run ti-guard install to replace it")
         elif have is None:
             report.worse(CRITICAL, f"{obj.kind} {obj.name} is missing: {_missing_hint(conn, policy, installed)}")
         elif have.definition != obj.definition:
