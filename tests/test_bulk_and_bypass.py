@@ -34,6 +34,11 @@ def _states(db, table):
         return dict(conn.execute(sa.select(table.c.task_id, table.c.state)).all())
 
 
+def _racy(table, task):
+    """The pre-fix skip route over one task instance: what the guard refuses."""
+    return aw.racy_skip(table, "d", "r", [(task, -1)])
+
+
 def _skip_all(db, table):
     with db.engine.begin() as conn:
         conn.execute(aw.racy_skip(table, "d", "r", [(t, -1) for t in STATES]))
@@ -66,12 +71,12 @@ def test_bypass_lasts_one_transaction(db):
     with db.engine.connect() as conn:
         with conn.begin():
             with bypass(conn, policy):
-                conn.execute(sa.update(table).where(table.c.task_id == "b").values(state="skipped"))
+                conn.execute(_racy(table, "b"))
         assert _states(db, table)["b"] == "skipped"  # the deliberate repair went through
         # Same connection, next transaction: guarded again.
         with pytest.raises(sa.exc.DBAPIError, match="ti_guard: refused"):
             with conn.begin():
-                conn.execute(sa.update(table).where(table.c.task_id == "c").values(state="skipped"))
+                conn.execute(_racy(table, "c"))
     assert _states(db, table)["c"] == "failed"
 
 
@@ -83,10 +88,10 @@ def test_postgresql_set_local_is_the_documented_override(pg_db):
     with server_db.engine.connect() as conn:
         with conn.begin():
             conn.exec_driver_sql("SET LOCAL ti_guard.bypass = 'on'")
-            conn.execute(sa.update(table).where(table.c.task_id == "a").values(state="skipped"))
+            conn.execute(_racy(table, "a"))
         with pytest.raises(sa.exc.DBAPIError, match="ti_guard: refused"):
             with conn.begin():
-                conn.execute(sa.update(table).where(table.c.task_id == "b").values(state="skipped"))
+                conn.execute(_racy(table, "b"))
     assert _states(server_db, table)["a"] == "skipped"
 
 
@@ -101,7 +106,7 @@ def test_mysql_user_variable_outliving_its_transaction_is_refused(mysql_db):
         with pooled.connect() as conn:
             with conn.begin():
                 with bypass(conn, Policy.build()):
-                    conn.execute(sa.update(table).where(table.c.task_id == "a").values(state="skipped"))
+                    conn.execute(_racy(table, "a"))
         with pooled.connect() as conn:  # the pool hands the same connection back ...
             with conn.begin():  # ... and an operator forgot to reset the variable by hand:
                 conn.exec_driver_sql(
@@ -116,7 +121,7 @@ def test_mysql_user_variable_outliving_its_transaction_is_refused(mysql_db):
             # Right away, while INNODB_TRX's cache may still show the previous transaction:
             with pytest.raises(sa.exc.DBAPIError, match="ti_guard: refused"):
                 with conn.begin():
-                    conn.execute(sa.update(table).where(table.c.task_id == "b").values(state="skipped"))
+                    conn.execute(_racy(table, "b"))
     finally:
         pooled.dispose()
     assert _states(server_db, table) == {**STATES, "a": "skipped"}
@@ -128,7 +133,7 @@ def test_set_state_command_repairs_one_row(db, capsys):
     _seed(db, table)
     with pytest.raises(sa.exc.DBAPIError):
         with db.engine.begin() as conn:
-            conn.execute(sa.update(table).where(table.c.task_id == "b").values(state="skipped"))
+            conn.execute(_racy(table, "b"))
     rc = db.cli("set-state", "--dag-id", "d", "--task-id", "b", "--run-id", "r", "--state", "skipped")
     assert rc == 0 and "success -> skipped" in capsys.readouterr().out
     assert _states(db, table) == {**STATES, "b": "skipped"}

@@ -35,14 +35,14 @@ def test_ready_database_then_nothing_to_do(db, capsys):
     server_line = next(line for line in out.splitlines() if "server: " in line)
     assert SERVER_WORD[db.backend] in server_line, out
     assert "alembic_version is 29ce7909c52b" in out
-    assert "install would: run migration 0001" in out and "create trigger ti_guard_skip_" in out
+    assert "install would: run migration 0001" in out and "create trigger ti_guard_" in out
     with db.engine.connect() as conn:  # doctor only reads
         assert catalog.read(conn, Policy()) == {} and catalog.read_settings(conn, Policy()) is None
     db.install()
     rc, out = doctor(db, capsys)
     assert rc == 0 and "install would: do nothing: the guard is installed and current" in out, out
     rc, out = doctor(db, capsys, "--mode=ignore")
-    assert rc == 0 and "drop trigger ti_guard_skip_" in out and "create trigger ti_guard_skip_" in out, out
+    assert rc == 0 and "drop trigger ti_guard_" in out and "create trigger ti_guard_" in out, out
 
 
 def test_not_an_airflow_database(db, capsys):
@@ -100,8 +100,8 @@ def test_mysql_trigger_whose_definer_was_dropped(mysql_db, capsys):
     assert cli.main(["status", "--url", mysql_db.url]) == 2
     assert "an account that no longer exists" in capsys.readouterr().out
     rc, out = doctor(mysql_db, capsys)
-    assert rc == 2 and "[FAIL] definer: trigger ti_guard_skip_" in out and "error 1449" in out, out
-    assert "replace trigger ti_guard_skip_" in out and "no longer exists" in out, out
+    assert rc == 2 and "[FAIL] definer: trigger ti_guard_" in out and "error 1449" in out, out
+    assert "replace trigger ti_guard_" in out and "no longer exists" in out, out
     assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
     with mysql_db.engine.begin() as conn:
         conn.execute(heartbeat)

@@ -5,13 +5,16 @@ SET lock_timeout = '2000ms';
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_stamp_0a408b8b ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_8992f6ac ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_skip_d98dd220 ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_75973cdc ON task_instance;
 
 
-DROP FUNCTION IF EXISTS ti_guard_refuse_e6ebcd2e();
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_57ace88d ON task_instance;
+
+
+DROP FUNCTION IF EXISTS ti_guard_guard_4b8c4f49();
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

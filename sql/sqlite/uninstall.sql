@@ -5,10 +5,7 @@ PRAGMA busy_timeout = 2000;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_stamp_2f3c4cb7;
-
-
-DROP TRIGGER IF EXISTS ti_guard_skip_da2d7727;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_c677521f;
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

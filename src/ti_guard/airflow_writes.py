@@ -44,9 +44,19 @@ def racy_skip(table: sa.Table, dag_id, run_id, task_keys, when=None):
     )
 
 
-def operator_mark(table: sa.Table, key, state: str, when=None):
-    """`TaskInstance.set_state` through the ORM: start_date kept when set, end_date set when missing."""
+def set_state(table: sa.Table, key, state: str, when=None):
+    """`TaskInstance.set_state` through the ORM, on a started row: state, end_date (kept when set),
+    duration, updated_at. The scheduler's NotPreviouslySkippedDep / TriggerRuleDep and an
+    operator's REST mark send this; so does Airflow 2's own finish (`_run_raw_task`)."""
     when = when or now()
-    return sa.update(table).where(key).values(
-        state=state, end_date=sa.func.coalesce(table.c.end_date, when)
-    )
+    end = sa.func.coalesce(table.c.end_date, when)
+    return sa.update(table).where(key).values(state=state, end_date=end, duration=0.0, updated_at=when)
+
+
+def run_timeout(table: sa.Table, key, when=None, end_date=False):
+    """The scheduler failing a run that reached dagrun_timeout: every unfinished TI, running
+    included, gets state = skipped through the ORM (state, updated_at). `end_date=True` is the
+    form later releases may send (apache/airflow PRs #63250, #58588)."""
+    when = when or now()
+    extra = {"end_date": when} if end_date else {}
+    return sa.update(table).where(key).values(state="skipped", updated_at=when, **extra)

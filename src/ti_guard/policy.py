@@ -1,12 +1,22 @@
-"""The guard's policy: which transitions to `skipped` are refused, and how.
+"""The guard's policy as data: which writes to task_instance.state are refused, and how.
 
-One object, read by every renderer. The rule it stands for:
+One table of rules, read by every renderer (render/<backend>.py turns each rule into that
+backend's SQL) and by the README's policy table (`python -m ti_guard.policy_table`). A rule
+says which write it stops (new state, old states), what tells that write apart from Airflow's
+deliberate writes of the same transition (its *signature*: a fact about the statement that a
+backend can or cannot see), whether `raise` mode may fail the statement for it, and which
+Airflow writers it is for. WRITERS lists every Airflow writer of those transitions, each with
+the rule that catches it or None when it goes through.
 
-    refuse  NEW.state = 'skipped' AND OLD.state IN protect AND NOT self_finish
+Two properties every rule keeps (README, "Policy"):
 
-where self_finish is the attempt finishing itself: OLD.state = 'running', the statement
-leaves start_date alone, and end_date is set (Airflow's `ti_update_state`). The racy skip
-writer stamps start_date and end_date with one `now`; that is how the two are told apart.
+(a) Airflow's own components never fail because of the guard. A write Airflow makes to one
+    task instance through its ORM (`TaskInstance.set_state`, the scheduler's run timeout)
+    checks the rowcount, so a rule that may meet such a write never raises and never drops
+    the row from the count: it keeps the row as it was and counts it ("kept").
+(b) A task instance that a worker runs, or that finished, is not overwritten by a skip decided
+    elsewhere, whichever writer carries the decision, as far as the backend can tell the
+    writers apart; the scheduler's run timeout and a task's own finish go through.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ AIRFLOW_STATES = (
     "awaiting_input",
 )
 DEFAULT_PROTECT = ("running", "success", "failed")
-MODES = ("raise", "ignore")
+MODES = ("ignore", "raise")
+# ignore: nothing Airflow does ever fails because of the guard (README, "Which mode").
+DEFAULT_MODE = "ignore"
 DEFAULT_TABLE = "task_instance"
 PREFIX = "ti_guard"
 SETTINGS_TABLE = "ti_guard_settings"
@@ -41,20 +53,133 @@ VERSION_TABLE = "ti_guard_alembic_version"
 # Columns the guard reads; present in Airflow 2.3+ and 3.x.
 REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_date", "end_date")
 
+# Signatures: what a backend must see of a statement to tell the refused write from a
+# deliberate one. Each renderer compiles the signatures it can see and names the ones it can't.
+STAMPS_START = "stamps_start"
+ENDS_WITHOUT_NEXT_METHOD = "ends_without_next_method"
+SIGNATURES = {
+    STAMPS_START: "writes start_date (the racy skip routes stamp start_date = end_date = now; "
+    "nothing else that skips a protected row writes it)",
+    ENDS_WITHOUT_NEXT_METHOD: "sets end_date, keeps start_date and does not write next_method "
+    "(`TaskInstance.set_state`; a task's own finish through Airflow 3's execution API always "
+    "writes next_method = NULL)",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    new_state: str
+    old_states: tuple[str, ...] | None  # None: the policy's protect list
+    signature: str
+    may_raise: bool  # False: kept in every mode, because an ORM caller (the scheduler) meets it
+    why: str
+    # Airflow generations whose writers the signature tells apart (Airflow 2's own finish is an
+    # ORM write like set_state: the second rule cannot tell it from a decided skip there).
+    airflow: tuple[int, ...] = (2, 3)
+
+    def olds(self, protect: tuple[str, ...]) -> tuple[str, ...]:
+        return protect if self.old_states is None else tuple(s for s in self.old_states if s in protect)
+
+
+RULES = (
+    Rule(
+        name="racy_skip",
+        new_state="skipped",
+        old_states=None,
+        signature=STAMPS_START,
+        may_raise=True,
+        why="the pre-fix branch / short-circuit skip routes overwrite a task a worker holds or that finished",
+    ),
+    Rule(
+        name="set_state_skip",
+        new_state="skipped",
+        old_states=("running",),
+        signature=ENDS_WITHOUT_NEXT_METHOD,
+        may_raise=False,
+        why="the scheduler's dependency checks (NotPreviouslySkippedDep, TriggerRuleDep) skip a task "
+        "that already runs; they write through the ORM inside the scheduler loop, so the row is kept, never raised",
+        airflow=(3,),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One Airflow code path that writes a guarded transition, and the rule that catches it (or None)."""
+
+    name: str
+    versions: str
+    transition: str
+    writes: str
+    rule: str | None
+    note: str = ""
+
+
+# Read from the sources of apache-airflow 3.3.2, 3.1.8, 2.11.2 and 2.10.5 (file:line references in
+# docs/policy.md) and checked on running deployments (tests/deploy).
+WRITERS = (
+    Writer("task skips itself (`AirflowSkipException`, soft_fail sensor, `@task.skip_if`): execution API `ti_update_state`",
+           "3.x", "running -> skipped", "Core: state, end_date, duration, next_method = NULL, next_kwargs = NULL, rendered_map_index, updated_at",
+           None, "the task's own finish"),
+    Writer("task skips itself: `TaskInstance._run_raw_task` in the task's process",
+           "2.x", "running -> skipped", "ORM, two commits: state, updated_at; then end_date, duration, updated_at", None,
+           "the task's own finish; its state write looks like the run timeout"),
+    Writer("branch / short-circuit skip before the fix: `ti_skip_downstream`, `SkipMixin._set_state_to_skipped`",
+           "3.0, 3.1, 2.x", "any -> skipped", "Core, bulk: state, start_date = end_date = now, updated_at", "racy_skip",
+           "the seed bug (apache/airflow#63266)"),
+    Writer("branch / short-circuit skip, fixed: `ti_skip_downstream` with `state NOT IN (running, success, failed)`",
+           "3.3", "NULL, scheduled, queued, ... -> skipped", "Core, bulk: state, start_date = end_date = now, updated_at", None,
+           "never reaches a protected row"),
+    Writer("scheduler, run reached `dagrun_timeout`: `SchedulerJobRunner._schedule_dag_run`",
+           "2.x, 3.x", "every unfinished, running included -> skipped", "ORM: state, updated_at (no end_date)", None,
+           "designed behaviour (apache/airflow#30264); the worker is stopped by design"),
+    Writer("scheduler, `NotPreviouslySkippedDep` / `TriggerRuleDep` / `MappedTaskUpstreamDep` via `DagRun.update_state` -> "
+           "`_are_premature_tis`: `TaskInstance.set_state`",
+           "3.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", "set_state_skip",
+           "the second writer of the seed's race: upstream's WHERE fix does not cover it"),
+    Writer("the same dependency writers, and an operator's REST / UI mark of a running TI", "2.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", None,
+           "not yet enforced on Airflow 2 tables (its own finish was not yet checked on a running 2.x deployment)"),
+    Writer("operator marks a running TI skipped: REST PATCH / UI -> `mark_tasks.set_state` -> `TaskInstance.set_state`",
+           "3.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", "set_state_skip",
+           "the same SQL as the dependency writers: kept too (mark it failed or success, or use the bypass)"),
+    Writer("operator marks a finished TI skipped: REST PATCH / UI -> `TaskInstance.set_state`",
+           "2.x, 3.x", "success, failed -> skipped", "ORM: state, updated_at (start_date and end_date already set)", None,
+           "a deliberate mark"),
+    Writer("operator marks a run failed: `set_dag_run_state_to_failed`",
+           "2.x, 3.x", "running -> failed; not started -> skipped", "ORM: `set_state`", None,
+           "no protected row becomes skipped"),
+    Writer("`fail_fast` / `fail_stop`: `_stop_remaining_tasks`",
+           "2.x, 3.x", "running -> failed; not started -> skipped", "ORM: `set_state`, `ti.error`", None,
+           "no protected row becomes skipped"),
+    Writer("mapped task expanded to zero (`expand_mapped_task`), trigger `TaskSkippedEvent`, a dependency on a task not yet started",
+           "2.x, 3.x", "NULL, scheduled, deferred, ... -> skipped", "ORM", None, "not a protected row"),
+)
+
+
+def rule_named(name: str) -> Rule:
+    return next(r for r in RULES if r.name == name)
+
+
+def airflow_generation(columns) -> int:
+    """3 when the table is Airflow 3's (rows keyed by a UUID `id`), else 2. Unknown columns
+    (offline SQL for a DBA) are taken as Airflow 3's."""
+    return 3 if columns is None or "id" in columns else 2
+
 
 @dataclass(frozen=True)
 class Policy:
     protect: tuple[str, ...] = DEFAULT_PROTECT
-    mode: str = "raise"
+    mode: str = DEFAULT_MODE
     schema: str | None = None
     table: str = DEFAULT_TABLE
 
     @classmethod
     def build(cls, protect=None, mode=None, schema=None, table=None) -> "Policy":
         """Validate user input into a Policy; every refusal names the cause and the fix."""
-        mode = (mode or "raise").strip().lower()
+        mode = (mode or DEFAULT_MODE).strip().lower()
         if mode not in MODES:
-            raise GuardError(f"unknown mode {mode!r}: use 'raise' or 'ignore' (-x mode=, TI_GUARD_MODE, --mode)")
+            raise GuardError(f"unknown mode {mode!r}: use 'ignore' or 'raise' (-x mode=, TI_GUARD_MODE, --mode)")
         return cls(
             protect=parse_states(protect),
             mode=mode,
@@ -73,6 +198,16 @@ class Policy:
 
     def describe(self) -> str:
         return f"mode={self.mode} protect={self.protect_csv}"
+
+    def rules(self, columns=None) -> list[tuple[Rule, tuple[str, ...], bool]]:
+        """(rule, old states, raises) for every rule that applies to this table and protect list."""
+        generation = airflow_generation(columns)
+        out = []
+        for rule in RULES:
+            olds = rule.olds(self.protect)
+            if olds and generation in rule.airflow:
+                out.append((rule, olds, rule.may_raise and self.mode == "raise"))
+        return out
 
 
 def parse_states(value) -> tuple[str, ...]:

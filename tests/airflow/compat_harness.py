@@ -187,7 +187,7 @@ def install_guard(db: Database, variant: str, fresh=False) -> dict:
         steps.append(alembic(db.url, "downgrade", "base"))
         steps.append(alembic(db.url, "-x", "mode=ignore", "upgrade", "head"))
     elif variant == "raise":
-        steps.append(alembic(db.url, "upgrade", "head"))
+        steps.append(alembic(db.url, "-x", "mode=raise", "upgrade", "head"))
     failed = [out for rc, out in steps if rc != 0]
     return {"airflow_revision_before": before, "airflow_revision_after": db.airflow_revision(), "errors": failed}
 

@@ -91,19 +91,12 @@ def notes(combos) -> list[str]:
     ran = {k[1]: c["variants"] for k, c in combos.items() if "variants" in c}
     if not ran:
         return []
-    example = ran.get("postgresql", next(iter(ran.values())))["raise"]["mark_plain"]["error"]
+    marked = sorted({BACKEND_NAMES[b] for b, v in ran.items() for variant in v.values() if variant["mark_plain"]["after"] == "skipped"})
     out.append(
-        "- Marking a finished task instance `skipped` with Airflow's `TaskInstance.set_state` is refused in "
-        f"raise mode, by design; the caller gets the guard's error, e.g. `{example}`. "
-        "(The UI's and REST API's \"mark as\" were not driven here.) "
-        "A deliberate repair goes through the bypass (`ti-guard set-state ...`, or the SQL under \"Deliberate repairs\")."
+        "- Marking a finished task instance `skipped` with Airflow's `TaskInstance.set_state` goes through in every mode "
+        f"({', '.join(marked)}): it writes no start_date, so it is an operator's deliberate mark, not a racy route. "
+        "Marking a running one is driven on running deployments (below)."
     )
-    by_message = defaultdict(list)
-    for backend, variants in ran.items():
-        by_message[variants["ignore"]["mark_plain"]["error"]].append(BACKEND_NAMES[backend])
-    for message, backends in by_message.items():
-        said = f"the caller gets `{message}` (Airflow's ORM sees 0 rows updated)" if message else "the call returns as if it had worked"
-        out.append(f"- In ignore mode that call leaves the row as it was; on {' and '.join(backends)} {said}.")
     refused_routes = defaultdict(list)
     for (version, backend), combo in combos.items():
         route = combo.get("variants", {}).get("raise", {}).get("route_skip")

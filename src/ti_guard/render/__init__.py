@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import Policy
+from ..policy import ENDS_WITHOUT_NEXT_METHOD, Policy
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -70,24 +70,33 @@ def dialect_name(name: str) -> str:
     raise GuardError(f"unsupported database {base!r}: ti-guard supports postgresql, mysql (or mariadb) and sqlite")
 
 
-def render(dialect: str, policy: Policy, columns=None) -> list[GuardObject]:
-    """The guard's objects for a dialect, in creation order (functions before triggers)."""
+def _module(dialect: str):
     from . import mysql, postgresql, sqlite
 
-    module = {"postgresql": postgresql, "mysql": mysql, "sqlite": sqlite}[dialect_name(dialect)]
-    return module.render(policy, columns)
+    return {"postgresql": postgresql, "mysql": mysql, "sqlite": sqlite}[dialect_name(dialect)]
 
 
-def column_triggers(policy: Policy, q: Quoter, same: str) -> list[tuple[str, str, str]]:
-    """(role, UPDATE OF column, WHEN condition) for backends that see which columns a statement writes.
+def render(dialect: str, policy: Policy, columns=None) -> list[GuardObject]:
+    """The guard's objects for a dialect, in creation order (functions before triggers)."""
+    return _module(dialect).render(policy, columns)
 
-    `same` is the backend's null-safe equality, with {a} and {b} for its operands. The
-    "stamp" trigger refuses any skip of a protected row that writes start_date: the attempt
-    finishing itself never writes it, the racy skip writer always does.
-    """
-    protected = f"NEW.state = 'skipped' AND OLD.state IN ({q.in_list(policy.protect)})"
-    if "running" not in policy.protect:
-        return [("skip", "state", protected)]
-    kept = same.format(a="NEW.start_date", b="OLD.start_date")
-    self_finish = f"OLD.state = 'running' AND NEW.end_date IS NOT NULL AND {kept}"
-    return [("skip", "state", f"{protected} AND NOT ({self_finish})"), ("stamp", "start_date", protected)]
+
+def sees(dialect: str) -> frozenset:
+    """The rule signatures a backend can test; a rule whose signature it cannot see is not
+    enforced there (the README's policy table says so per backend)."""
+    return _module(dialect).SEES
+
+
+def enforced_rules(dialect: str, policy: Policy, columns=None):
+    return [entry for entry in policy.rules(columns) if entry[0].signature in sees(dialect)]
+
+
+def rule_condition(q: Quoter, rule, olds, same: str) -> str:
+    """A rule's WHEN condition for backends that see which columns a statement writes (the column
+    half of the signature is the trigger's `UPDATE OF`). `same` is the backend's null-safe
+    equality, with {a} and {b} for its operands."""
+    condition = f"NEW.state = {q.literal(rule.new_state)} AND OLD.state IN ({q.in_list(olds)})"
+    if rule.signature == ENDS_WITHOUT_NEXT_METHOD:
+        kept = same.format(a="NEW.start_date", b="OLD.start_date")
+        condition += f" AND NEW.end_date IS NOT NULL AND {kept}"
+    return condition

@@ -23,8 +23,8 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import Policy, short_hash
-from . import GuardObject, Quoter
+from ..policy import STAMPS_START, Policy, short_hash
+from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
 CURRENT_TRX_ID = "SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = CONNECTION_ID()"
@@ -34,6 +34,8 @@ _VERIFIED = "CONCAT(@ti_guard_bypass, '@', NOW(6))"
 MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
+# set_state_skip is not enforced: set_state and a task's own finish write the same values.
+SEES = frozenset({STAMPS_START})
 
 
 def _nested(tests: list[str], action: str, depth: int = 1) -> str:
@@ -44,6 +46,16 @@ def _nested(tests: list[str], action: str, depth: int = 1) -> str:
     return f"{pad}IF {tests[0]} THEN\n{_nested(tests[1:], action, depth + 1)}\n{pad}END IF;"
 
 
+def _signature_test(signature: str) -> str:
+    """The value half of a signature: MySQL cannot see which columns a statement wrote."""
+    if signature == STAMPS_START:
+        # The racy routes stamp start_date = end_date = now; on a coarse clock that `now` can
+        # equal the old start_date, so an end_date newly set to start_date counts too.
+        return ("NOT (NEW.start_date <=> OLD.start_date)"
+                " OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)")
+    raise GuardError(f"MySQL cannot test signature {signature!r}")
+
+
 def render(policy: Policy, columns=None) -> list[GuardObject]:
     q = Quoter(mysql.dialect(), policy)
 
@@ -51,42 +63,29 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
     # the cheapest form of the test measured (an introducer such as _binary'skipped' counts the
     # same but MySQL drops it from the body it shows, so the guard could not recognise itself).
     new_state, old_state = "CAST(NEW.state AS BINARY)", "CAST(OLD.state AS BINARY)"
+    keep = None
+    if any(not raises for _, _, raises in enforced_rules("mysql", policy, columns)):
+        if not columns:
+            raise GuardError("keeping a row on MySQL needs the table's columns (it sets every column of NEW back to OLD)")
+        keep = "SET " + ",\n    ".join(f"NEW.{q.ident(c)} = OLD.{q.ident(c)}" for c in columns) + ";"
+    # A user variable, not a DECLAREd one: a local variable costs every row that enters the
+    # trigger (its frame is built per call), refusing or not.
+    refuse = (
+        f"SET {MESSAGE_VARIABLE} = LEFT(CONCAT('ti_guard: refused ', OLD.state, ' -> ', NEW.state, ' for dag_id=', OLD.dag_id,\n"
+        f"    ' task_id=', OLD.task_id, ' map_index=', OLD.map_index, ' run_id=', OLD.run_id), {MESSAGE_LIMIT});\n"
+        f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = {MESSAGE_VARIABLE};"
+    )
     # MariaDB re-prepares the whole expression of an IF each time the IF runs, short-circuit or
     # not, so a row costs the size of the tests it meets: the one every row meets comes first
     # and is the smallest, and each later test stands alone (the whole rule in one IF cost the
     # rows that are not skips 2.3x the instructions of the same tests nested: benchmarks/NOTES.md).
-    tests = [f"{new_state} = 'skipped'", f"{old_state} IN ({q.in_list(policy.protect)})"]
-    if "running" in policy.protect:
-        tests.append(
-            f"NOT ({old_state} = 'running' AND NEW.end_date IS NOT NULL"
-            " AND NEW.start_date <=> OLD.start_date AND NOT (NEW.end_date <=> NEW.start_date))"
-        )
-    if policy.mode == "raise":
-        # A user variable, not a DECLAREd one: a local variable costs every row that enters the
-        # trigger (its frame is built per call), refusing or not.
-        action = (
-            f"SET {MESSAGE_VARIABLE} = LEFT(CONCAT('ti_guard: refused ', OLD.state, ' -> skipped for dag_id=', OLD.dag_id,\n"
-            f"    ' task_id=', OLD.task_id, ' map_index=', OLD.map_index, ' run_id=', OLD.run_id), {MESSAGE_LIMIT});\n"
-            f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = {MESSAGE_VARIABLE};"
-        )
-    else:
-        if not columns:
-            raise GuardError("ignore mode on MySQL needs the table's columns (it sets every column of NEW back to OLD)")
-        action = "SET " + ",\n    ".join(f"NEW.{q.ident(c)} = OLD.{q.ident(c)}" for c in columns) + ";"
-    guarded = (
-        f"IF {BYPASS_VARIABLE} IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
-        f"    DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
-        f"    IF {BYPASS_VARIABLE} <=> ({CURRENT_TRX_ID}) THEN\n"
-        f"        SET @ti_guard_bypass_at = {_VERIFIED};\n"
-        "    END IF;\n"
-        "END IF;\n"
-        f"IF {BYPASS_VARIABLE} IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
-        + "\n".join("    " + line for line in action.splitlines())
-        + "\nEND IF;"
-    )
-    body = f"BEGIN\n{_nested(tests, guarded)}\nEND"
+    blocks = []
+    for rule, olds, raises in enforced_rules("mysql", policy, columns):
+        tests = [f"{new_state} = {q.literal(rule.new_state)}", f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)]
+        blocks.append(_nested(tests, _bypassable(refuse if raises else keep)))
+    body = "BEGIN\n" + "\n".join(blocks) + "\nEND"
     tail = f"BEFORE UPDATE ON {q.table} FOR EACH ROW\n{body}"
-    name = f"ti_guard_skip_{short_hash(tail)}"
+    name = f"ti_guard_guard_{short_hash(tail)}"
     return [
         GuardObject(
             kind="trigger",
@@ -97,3 +96,18 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             compound=True,
         )
     ]
+
+
+def _bypassable(action: str) -> str:
+    """The action, unless this statement runs under a verified bypass (module docstring)."""
+    return (
+        f"IF {BYPASS_VARIABLE} IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        f"    DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
+        f"    IF {BYPASS_VARIABLE} <=> ({CURRENT_TRX_ID}) THEN\n"
+        f"        SET @ti_guard_bypass_at = {_VERIFIED};\n"
+        "    END IF;\n"
+        "END IF;\n"
+        f"IF {BYPASS_VARIABLE} IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        + "\n".join("    " + line for line in action.splitlines())
+        + "\nEND IF;"
+    )

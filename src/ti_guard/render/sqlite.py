@@ -1,9 +1,13 @@
 """The guard on SQLite: BEFORE UPDATE OF triggers with a WHEN clause.
 
-SQLite resolves `UPDATE OF` when it compiles a statement, so writes that do not name state
-(or start_date) pay nothing at all. Like PostgreSQL it knows which columns a statement
-writes, so the self-finish test is exact. RAISE() takes only a literal message in the SQLite
-versions Python ships (3.40 here): the message names the rule, not the row.
+SQLite resolves `UPDATE OF` when it compiles a statement, so writes that do not name the
+column pay nothing at all. Like PostgreSQL it knows which columns a statement writes, so the
+racy skip routes are told by the start_date they write. It cannot tell a statement that left
+next_method out of SET from one that wrote it (a trigger can neither mark a row for another
+nor change NEW), so set_state_skip is not enforced here. RAISE() takes only a literal message
+in the SQLite versions Python ships (3.40 here): the message names the rule, not the row.
+RAISE(IGNORE) drops the row from the statement's count; only bulk Core writers (which do not
+check the count) meet racy_skip.
 """
 
 from __future__ import annotations
@@ -11,31 +15,32 @@ from __future__ import annotations
 from sqlalchemy.dialects import sqlite
 
 from ..errors import GuardError
-from ..policy import Policy, short_hash
-from . import GuardObject, Quoter, column_triggers
+from ..policy import STAMPS_START, Policy, short_hash
+from . import GuardObject, Quoter, enforced_rules, rule_condition
+
+SEES = frozenset({STAMPS_START})
 
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
     if policy.db_schema:
         raise GuardError("a schema is not supported on SQLite (triggers live in the database of their table); drop the schema setting")
     q = Quoter(sqlite.dialect(), policy)
-    if policy.mode == "raise":
-        message = (
-            "ti_guard: refused a transition to skipped from "
-            + ", ".join(policy.protect)
-            + " (a task instance that a worker started or that finished is not skipped by another writer)"
-        )
-        action = f"RAISE(ABORT, {q.literal(message)})"
-    else:
-        action = "RAISE(IGNORE)"
     objects = []
-    for role, column, condition in column_triggers(policy, q, "{a} IS {b}"):
+    for rule, olds, raises in enforced_rules("sqlite", policy, columns):
+        if raises:
+            message = (
+                f"ti_guard: refused a transition to {rule.new_state} from {', '.join(olds)} by {rule.name}"
+                " (a task instance that a worker started or that finished is not overwritten by another writer)"
+            )
+            action = f"RAISE(ABORT, {q.literal(message)})"
+        else:
+            action = "RAISE(IGNORE)"
         tail = (
-            f"BEFORE UPDATE OF {q.ident(column)} ON {q.ident(policy.table)}\n"
-            f"FOR EACH ROW WHEN {condition}\n"
+            f"BEFORE UPDATE OF {q.ident('start_date')} ON {q.ident(policy.table)}\n"
+            f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}')}\n"
             f"BEGIN\n    SELECT {action};\nEND"
         )
-        name = f"ti_guard_{role}_{short_hash(tail)}"
+        name = f"ti_guard_{rule.name}_{short_hash(tail)}"
         create = f"CREATE TRIGGER {q.ident(name)} {tail}"
         objects.append(
             GuardObject(

@@ -1,0 +1,70 @@
+"""The README's policy tables, generated from policy.RULES and policy.WRITERS.
+
+    python -m ti_guard.policy_doc            print the block
+    python -m ti_guard.policy_doc --readme   rewrite it in README.md (a test fails while it is stale)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .policy import RULES, SIGNATURES, WRITERS, rule_named
+from .render import SUPPORTED, sees
+
+NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL", "sqlite": "SQLite"}
+BLOCK = re.compile(r"(<!-- policy:begin[^\n]*-->\n)(.*?)(<!-- policy:end -->)", re.S)
+
+
+def verdict(rule_name, backend: str) -> str:
+    if rule_name is None:
+        return "goes through"
+    rule = rule_named(rule_name)
+    if rule.signature not in sees(backend):
+        return "goes through (cannot be told apart here)"
+    return "refused (raise) / kept (ignore)" if rule.may_raise else "kept, every mode"
+
+
+def markdown() -> str:
+    lines = [
+        "Rules (`src/ti_guard/policy.py`; each backend's SQL in `src/ti_guard/render/<backend>.py`):",
+        "",
+        "| rule | transition | told apart by | raise mode | Airflow tables | enforced on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in RULES:
+        olds = "protected states (default running, success, failed)" if r.old_states is None else ", ".join(r.old_states)
+        on = ", ".join(NAMES[b] for b in SUPPORTED if r.signature in sees(b))
+        gens = ", ".join(f"{g}.x" for g in r.airflow)
+        raises = "raises" if r.may_raise else "never raises: kept"
+        lines.append(f"| `{r.name}` | {olds} -> {r.new_state} | the statement {SIGNATURES[r.signature]} | {raises} | {gens} | {on} |")
+    lines += [
+        "",
+        "Every Airflow writer of those transitions (read from the 3.3.2, 3.1.8 and 2.11.2/2.10.5 sources):",
+        "",
+        "| writer | Airflow | transition | what it writes | rule | " + " | ".join(NAMES[b] for b in SUPPORTED) + " | why |",
+        "|---|---|---|---|---|" + "---|" * len(SUPPORTED) + "---|",
+    ]
+    for w in WRITERS:
+        cells = [verdict(w.rule, b) for b in SUPPORTED]
+        lines.append(f"| {w.name} | {w.versions} | {w.transition} | {w.writes} | {w.rule or '-'} | " + " | ".join(cells) + f" | {w.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--readme" not in argv:
+        sys.stdout.write(markdown())
+        return 0
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    text = readme.read_text()
+    if not BLOCK.search(text):
+        print("README.md has no policy block", file=sys.stderr)
+        return 1
+    readme.write_text(BLOCK.sub(lambda m: m.group(1) + markdown() + m.group(3), text, count=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
