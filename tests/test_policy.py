@@ -19,6 +19,9 @@ REFUSED, ALLOWED = "refused", "allowed"
 # set_state_skip: kept in every mode (the scheduler writes it through the ORM), where the backend
 # can see it (PostgreSQL); MySQL and SQLite cannot tell it from a task's own finish and let it through.
 KEPT = "kept"
+# stale_schedule: kept in every mode on all three backends; the writer (schedule_tis) is a bulk Core
+# UPDATE that does not check the count, and SQLite's RAISE(IGNORE) does not count the row.
+LEFT = "left as it was"
 
 
 def _racy(when):
@@ -35,6 +38,10 @@ def _set_state(state, when=LATER):
 
 def _timeout(end_date=False):
     return lambda t: aw.run_timeout(t, aw.key_of(t, **KEY), LATER, end_date=end_date)
+
+
+def _schedule():
+    return lambda t: aw.schedule_tis(t, aw.key_of(t, **KEY), LATER)
 
 
 def _set(**values):
@@ -72,6 +79,13 @@ CASES = [
     ("queued: worker starts", "queued", T0, None, lambda t: aw.worker_start(t, aw.key_of(t, **KEY), LATER), ALLOWED),
     ("success: cleared for a rerun", "success", T0, LATER, _set(state=None, end_date=None), ALLOWED),
     ("skipped: re-skipped", "skipped", T0, T0, _racy(LATER), ALLOWED),
+    ("running: schedule_tis from a stale read", "running", T0, None, _schedule(), LEFT),
+    ("success: schedule_tis from a stale read", "success", T0, LATER, _schedule(), LEFT),
+    ("failed: schedule_tis from a stale read", "failed", T0, LATER, _schedule(), LEFT),
+    ("NULL: schedule_tis", None, None, None, _schedule(), ALLOWED),
+    ("up_for_retry: schedule_tis", "up_for_retry", T0, LATER, _schedule(), ALLOWED),
+    ("up_for_reschedule: schedule_tis", "up_for_reschedule", T0, LATER, _schedule(), ALLOWED),
+    ("running: human-in-the-loop resume (state only)", "running", T0, None, _set(state="scheduled"), ALLOWED),
 ]
 
 
@@ -137,6 +151,8 @@ def test_policy_table(db, mode):
         elif verdict == KEPT:
             # Never raised, in any mode, and still counted: the scheduler's ORM flush goes on.
             ok = error is None and after == before and count == 1
+        elif verdict == LEFT:
+            ok = error is None and after == before and count == (0 if db.backend == "sqlite" else 1)
         elif mode == "raise":
             ok = error is not None and "ti_guard: refused" in str(error.orig) and after == before
         else:
@@ -182,6 +198,25 @@ def test_custom_protect_list(db):
     db.install(protect="running,success,failed", mode="raise")
     before, after, error, _ = _outcome(db, table, case)
     assert error is None and after["state"] == "skipped"
+
+
+def test_airflow_2_backfill_rerun_of_failed_tasks_goes_through(db):
+    """2.x backfill --rerun-failed-tasks moves failed -> scheduled with schedule_tis's signature
+    (try_number written): on Airflow 2 tables failed is spared, running is still kept."""
+    table = db.table("2.x")
+    with db.engine.begin() as conn:
+        conn.execute(table.insert().values(**KEY, state="failed", start_date=T0, end_date=LATER, try_number=1))
+        conn.execute(table.insert().values(**{**KEY, "task_id": "busy"}, state="running", start_date=T0, try_number=1))
+    busy = aw.key_of(table, **{**KEY, "task_id": "busy"})
+    assert _apply(db, table, lambda t: aw.schedule_tis(t, busy)) == 1  # without the guard: overwritten
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(table).where(busy).values(state="running", try_number=1))
+    db.install()
+    assert _apply(db, table, _schedule()) == 1 and _row(db, table)["state"] == "scheduled"
+    _apply(db, table, lambda t: aw.schedule_tis(t, busy))
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state, table.c.try_number).where(busy)).one() == ("running", 1)
+    # the same write on the 3.x table is kept (see test_policy_table)
 
 
 def test_airflow_2_own_finish_is_set_state_and_goes_through(db):

@@ -71,7 +71,13 @@ CREATE TRIGGER ti_guard_set_state_skip_keep_8992f6ac BEFORE UPDATE OF state ON t
     EXECUTE FUNCTION ti_guard_guard_4b8c4f49('keep_unmarked', 'set_state_skip');
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_4b8c4f49,ti_guard_racy_skip_57ace88d,ti_guard_set_state_skip_finish_75973cdc,ti_guard_set_state_skip_keep_8992f6ac', CURRENT_TIMESTAMP);
+CREATE TRIGGER ti_guard_stale_schedule_5dc7dbc2 BEFORE UPDATE OF try_number ON task_instance
+    FOR EACH ROW
+    WHEN (NEW.state = 'scheduled' AND OLD.state IN ('running', 'success', 'failed'))
+    EXECUTE FUNCTION ti_guard_guard_4b8c4f49('keep', 'stale_schedule');
+
+
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_4b8c4f49,ti_guard_racy_skip_57ace88d,ti_guard_set_state_skip_finish_75973cdc,ti_guard_set_state_skip_keep_8992f6ac,ti_guard_stale_schedule_5dc7dbc2', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING ti_guard_alembic_version.version_num;

@@ -5,6 +5,9 @@ SET lock_timeout = '2000ms';
 
 -- Running downgrade 0001 -> 
 
+DROP TRIGGER IF EXISTS ti_guard_stale_schedule_5dc7dbc2 ON task_instance;
+
+
 DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_8992f6ac ON task_instance;
 
 

@@ -28,7 +28,14 @@ BEGIN
 END;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_c677521f', CURRENT_TIMESTAMP);
+CREATE TRIGGER ti_guard_stale_schedule_d71b79e8 BEFORE UPDATE OF try_number ON task_instance
+FOR EACH ROW WHEN NEW.state = 'scheduled' AND OLD.state IN ('running', 'success', 'failed')
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+
+
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_c677521f,ti_guard_stale_schedule_d71b79e8', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING version_num;

@@ -5,6 +5,9 @@ PRAGMA busy_timeout = 2000;
 
 -- Running downgrade 0001 -> 
 
+DROP TRIGGER IF EXISTS ti_guard_stale_schedule_d71b79e8;
+
+
 DROP TRIGGER IF EXISTS ti_guard_racy_skip_c677521f;
 
 

@@ -60,3 +60,14 @@ def run_timeout(table: sa.Table, key, when=None, end_date=False):
     when = when or now()
     extra = {"end_date": when} if end_date else {}
     return sa.update(table).where(key).values(state="skipped", updated_at=when, **extra)
+
+
+def schedule_tis(table: sa.Table, where, when=None):
+    """`DagRun.schedule_tis` before 3.3 (and every 2.x): no check of the current state; try_number
+    goes up by one unless the row is up_for_reschedule. 2.x tables have no scheduled_dttm."""
+    c = table.c
+    bumped = sa.case((sa.or_(c.state.is_(None), c.state != "up_for_reschedule"), c.try_number + 1), else_=c.try_number)
+    values = {"state": "scheduled", "try_number": bumped}
+    if "scheduled_dttm" in c:
+        values["scheduled_dttm"] = when or now()
+    return sa.update(table).where(where).values(**values)

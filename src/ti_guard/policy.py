@@ -57,12 +57,15 @@ REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_
 # deliberate one. Each renderer compiles the signatures it can see and names the ones it can't.
 STAMPS_START = "stamps_start"
 ENDS_WITHOUT_NEXT_METHOD = "ends_without_next_method"
+BUMPS_TRY_NUMBER = "bumps_try_number"
 SIGNATURES = {
     STAMPS_START: "writes start_date (the racy skip routes stamp start_date = end_date = now; "
     "nothing else that skips a protected row writes it)",
     ENDS_WITHOUT_NEXT_METHOD: "sets end_date, keeps start_date and does not write next_method "
     "(`TaskInstance.set_state`; a task's own finish through Airflow 3's execution API always "
     "writes next_method = NULL)",
+    BUMPS_TRY_NUMBER: "writes try_number (`DagRun.schedule_tis` always does; 3.3's human-in-the-loop "
+    "resume, the one deliberate running -> scheduled, does not)",
 }
 
 
@@ -77,9 +80,13 @@ class Rule:
     # Airflow generations whose writers the signature tells apart (Airflow 2's own finish is an
     # ORM write like set_state: the second rule cannot tell it from a decided skip there).
     airflow: tuple[int, ...] = (2, 3)
+    # Old states a deliberate Airflow 2 writer moves with the same signature: left out on 2.x tables.
+    spared_on_airflow_2: tuple[str, ...] = ()
 
-    def olds(self, protect: tuple[str, ...]) -> tuple[str, ...]:
-        return protect if self.old_states is None else tuple(s for s in self.old_states if s in protect)
+    def olds(self, protect: tuple[str, ...], generation: int = 3) -> tuple[str, ...]:
+        olds = protect if self.old_states is None else tuple(s for s in self.old_states if s in protect)
+        spared = self.spared_on_airflow_2 if generation == 2 else ()
+        return tuple(s for s in olds if s not in spared)
 
 
 RULES = (
@@ -100,6 +107,17 @@ RULES = (
         why="the scheduler's dependency checks (NotPreviouslySkippedDep, TriggerRuleDep) skip a task "
         "that already runs; they write through the ORM inside the scheduler loop, so the row is kept, never raised",
         airflow=(3,),
+    ),
+    Rule(
+        name="stale_schedule",
+        new_state="scheduled",
+        old_states=("running", "success", "failed"),
+        signature=BUMPS_TRY_NUMBER,
+        may_raise=False,
+        why="`DagRun.schedule_tis` before 3.3 schedules from a stale read without checking the state: a running task "
+        "is put back to scheduled and runs again (apache/airflow#60330); it runs in the scheduler loop, so the row is "
+        "kept, never raised, which is exactly upstream's 3.3 WHERE fix",
+        spared_on_airflow_2=("failed",),
     ),
 )
 
@@ -154,6 +172,23 @@ WRITERS = (
            "no protected row becomes skipped"),
     Writer("mapped task expanded to zero (`expand_mapped_task`), trigger `TaskSkippedEvent`, a dependency on a task not yet started",
            "2.x, 3.x", "NULL, scheduled, deferred, ... -> skipped", "ORM", None, "not a protected row"),
+    Writer("scheduler schedules before the fix: `DagRun.schedule_tis`",
+           "3.0, 3.1, 2.x", "read as NULL / up_for_retry / up_for_reschedule, written whatever it is now -> scheduled",
+           "Core, bulk: state, try_number (CASE), scheduled_dttm (3.x), updated_at", "stale_schedule",
+           "the larger share of the seed's kills (apache/airflow#60330); 3.3 adds the same check to its WHERE"),
+    Writer("scheduler schedules, fixed: `DagRun.schedule_tis` with `state IS NULL OR state IN (up_for_retry, up_for_reschedule)`",
+           "3.3", "NULL, up_for_retry, up_for_reschedule -> scheduled", "Core, bulk: state, try_number, scheduled_dttm, updated_at",
+           None, "never reaches a protected row"),
+    Writer("human-in-the-loop task whose response already arrived: `ti_update_state` to awaiting_input",
+           "3.3", "running -> scheduled", "ORM flush (next_method, next_kwargs, trigger_id, scheduled_dttm), then Core: state, updated_at",
+           None, "deliberate, under a row lock; writes no try_number"),
+    Writer("triggerer resumes a deferred task, trigger timeout, trigger failure", "2.x, 3.x", "deferred -> scheduled",
+           "ORM / Core: state, next_method, next_kwargs, trigger_id, scheduled_dttm", None, "not a protected row"),
+    Writer("stuck in queued: `_reschedule_stuck_task`", "2.x, 3.x", "read as queued -> scheduled",
+           "Core: state, queued_dttm, queued_by_job_id, scheduled_dttm, updated_at", None,
+           "no try_number: not caught if a worker started the task in between (not observed)"),
+    Writer("backfill `--rerun-failed-tasks`", "2.x", "failed -> scheduled", "ORM: state, try_number, updated_at", None,
+           "deliberate, with schedule_tis's signature: failed is spared on Airflow 2 tables"),
 )
 
 
@@ -204,7 +239,7 @@ class Policy:
         generation = airflow_generation(columns)
         out = []
         for rule in RULES:
-            olds = rule.olds(self.protect)
+            olds = rule.olds(self.protect, generation)
             if olds and generation in rule.airflow:
                 out.append((rule, olds, rule.may_raise and self.mode == "raise"))
         return out

@@ -13,7 +13,7 @@ from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-COLUMNS_CHANGED = "the table's columns changed since install; ignore mode restores every column"
+COLUMNS_CHANGED = "the table's columns changed since install; a kept row restores every column"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
 
 
@@ -91,7 +91,7 @@ def _missing_hint(conn, policy, installed) -> str:
 
 
 def _stale_reason(conn, policy: Policy, have, columns) -> str:
-    if dialect_name(conn.dialect.name) == "mysql" and policy.mode == "ignore":
+    if dialect_name(conn.dialect.name) == "mysql":
         restored = re.findall(r"NEW\.`?([A-Za-z0-9_]+)`? = OLD\.", have.definition)
         if restored and restored != list(columns):
             return COLUMNS_CHANGED

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import ENDS_WITHOUT_NEXT_METHOD, Policy
+from ..policy import BUMPS_TRY_NUMBER, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -89,6 +89,10 @@ def sees(dialect: str) -> frozenset:
 
 def enforced_rules(dialect: str, policy: Policy, columns=None):
     return [entry for entry in policy.rules(columns) if entry[0].signature in sees(dialect)]
+
+
+# For backends that see which columns a statement writes: the column that carries a signature.
+SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number"}
 
 
 def rule_condition(q: Quoter, rule, olds, same: str) -> str:

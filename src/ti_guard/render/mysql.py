@@ -23,7 +23,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import STAMPS_START, Policy, short_hash
+from ..policy import BUMPS_TRY_NUMBER, STAMPS_START, Policy, short_hash
 from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
@@ -35,7 +35,7 @@ MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
 # set_state_skip is not enforced: set_state and a task's own finish write the same values.
-SEES = frozenset({STAMPS_START})
+SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER})
 
 
 def _nested(tests: list[str], action: str, depth: int = 1) -> str:
@@ -53,6 +53,9 @@ def _signature_test(signature: str) -> str:
         # equal the old start_date, so an end_date newly set to start_date counts too.
         return ("NOT (NEW.start_date <=> OLD.start_date)"
                 " OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)")
+    if signature == BUMPS_TRY_NUMBER:
+        # schedule_tis adds one to try_number of every row that is not up_for_reschedule.
+        return "NOT (NEW.try_number <=> OLD.try_number)"
     raise GuardError(f"MySQL cannot test signature {signature!r}")
 
 
@@ -79,11 +82,23 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
     # not, so a row costs the size of the tests it meets: the one every row meets comes first
     # and is the smallest, and each later test stands alone (the whole rule in one IF cost the
     # rows that are not skips 2.3x the instructions of the same tests nested: benchmarks/NOTES.md).
-    blocks = []
-    for rule, olds, raises in enforced_rules("mysql", policy, columns):
-        tests = [f"{new_state} = {q.literal(rule.new_state)}", f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)]
-        blocks.append(_nested(tests, _bypassable(refuse if raises else keep)))
-    body = "BEGIN\n" + "\n".join(blocks) + "\nEND"
+    # With rules for several new states, every row meets one IN test first; the rows being set
+    # to one of them then meet that state's test and its rules.
+    rules = enforced_rules("mysql", policy, columns)
+    targets = list(dict.fromkeys(rule.new_state for rule, _, _ in rules))
+
+    def rules_for(target: str) -> str:
+        return "\n".join(
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(refuse if raises else keep), 0)
+            for rule, olds, raises in rules if rule.new_state == target
+        )
+
+    per_target = [_nested([f"{new_state} = {q.literal(t)}"], rules_for(t), 0) for t in targets]
+    if len(targets) == 1:
+        guard = _nested([f"{new_state} = {q.literal(targets[0])}"], rules_for(targets[0]), 1)
+    else:
+        guard = _nested([f"{new_state} IN ({q.in_list(targets)})"], "\n".join(per_target), 1)
+    body = f"BEGIN\n{guard}\nEND"
     tail = f"BEFORE UPDATE ON {q.table} FOR EACH ROW\n{body}"
     name = f"ti_guard_guard_{short_hash(tail)}"
     return [

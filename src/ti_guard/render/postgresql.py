@@ -6,6 +6,7 @@ signature is tested on the statement itself:
 
 - racy_skip: `BEFORE UPDATE OF start_date`. The racy skip routes always write start_date; a
   task's own finish, the run timeout and `TaskInstance.set_state` on a started row never do.
+- stale_schedule: `BEFORE UPDATE OF try_number`. `schedule_tis` always writes try_number.
 - set_state_skip: `BEFORE UPDATE OF state`, kept unless the statement also wrote next_method
   (Airflow 3's own finish always does, `set_state` never does). A trigger cannot ask whether a
   column was left out of SET, so a companion trigger `BEFORE UPDATE OF next_method` with the
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 from sqlalchemy.dialects import postgresql
 
-from ..policy import ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy, short_hash
-from . import GuardObject, Quoter, enforced_rules, rule_condition
+from ..policy import BUMPS_TRY_NUMBER, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy, short_hash
+from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
 BYPASS_SETTING = "ti_guard.bypass"
-SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD})
+SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER})
 
 # TG_ARGV[0]: raise | keep | mark | keep_unmarked; TG_ARGV[1]: the rule's name.
 _BODY = """
@@ -92,8 +93,8 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
 
     for rule, olds, raises in enforced_rules("postgresql", policy, columns):
         condition = rule_condition(q, rule, olds, same="{a} IS NOT DISTINCT FROM {b}")
-        if rule.signature == STAMPS_START:
-            objects.append(trigger(rule.name, "start_date", condition, "raise" if raises else "keep", rule.name))
+        if rule.signature in SIGNATURE_COLUMN:
+            objects.append(trigger(rule.name, SIGNATURE_COLUMN[rule.signature], condition, "raise" if raises else "keep", rule.name))
         elif rule.signature == ENDS_WITHOUT_NEXT_METHOD:
             # Same-event triggers fire in name order: "..._finish_" before "..._keep_" (the mark is
             # set before it is read), and racy_skip before set_state_skip (so a racy write that

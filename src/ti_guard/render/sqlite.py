@@ -7,7 +7,7 @@ next_method out of SET from one that wrote it (a trigger can neither mark a row 
 nor change NEW), so set_state_skip is not enforced here. RAISE() takes only a literal message
 in the SQLite versions Python ships (3.40 here): the message names the rule, not the row.
 RAISE(IGNORE) drops the row from the statement's count; only bulk Core writers (which do not
-check the count) meet racy_skip.
+check the count) meet racy_skip and stale_schedule.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 from sqlalchemy.dialects import sqlite
 
 from ..errors import GuardError
-from ..policy import STAMPS_START, Policy, short_hash
-from . import GuardObject, Quoter, enforced_rules, rule_condition
+from ..policy import BUMPS_TRY_NUMBER, STAMPS_START, Policy, short_hash
+from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
-SEES = frozenset({STAMPS_START})
+SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER})
 
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
@@ -36,7 +36,7 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
         else:
             action = "RAISE(IGNORE)"
         tail = (
-            f"BEFORE UPDATE OF {q.ident('start_date')} ON {q.ident(policy.table)}\n"
+            f"BEFORE UPDATE OF {q.ident(SIGNATURE_COLUMN[rule.signature])} ON {q.ident(policy.table)}\n"
             f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}')}\n"
             f"BEGIN\n    SELECT {action};\nEND"
         )
