@@ -21,7 +21,7 @@ CREATE TABLE ti_guard_settings (
 
 DELIMITER //
 
-CREATE TRIGGER ti_guard_guard_c6ae5090 BEFORE UPDATE ON task_instance FOR EACH ROW
+CREATE TRIGGER ti_guard_guard_38888e2a BEFORE UPDATE ON task_instance FOR EACH ROW
 BEGIN
     IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
         IF CAST(NEW.state AS BINARY) = 'skipped' THEN
@@ -34,45 +34,10 @@ BEGIN
                         END IF;
                     END IF;
                     IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
-                        SET NEW.id = OLD.id,
-                            NEW.task_id = OLD.task_id,
-                            NEW.dag_id = OLD.dag_id,
-                            NEW.run_id = OLD.run_id,
-                            NEW.map_index = OLD.map_index,
+                        SET NEW.state = OLD.state,
                             NEW.start_date = OLD.start_date,
                             NEW.end_date = OLD.end_date,
-                            NEW.duration = OLD.duration,
-                            NEW.state = OLD.state,
-                            NEW.try_number = OLD.try_number,
-                            NEW.max_tries = OLD.max_tries,
-                            NEW.hostname = OLD.hostname,
-                            NEW.unixname = OLD.unixname,
-                            NEW.pool = OLD.pool,
-                            NEW.pool_slots = OLD.pool_slots,
-                            NEW.queue = OLD.queue,
-                            NEW.priority_weight = OLD.priority_weight,
-                            NEW.operator = OLD.operator,
-                            NEW.custom_operator_name = OLD.custom_operator_name,
-                            NEW.queued_dttm = OLD.queued_dttm,
-                            NEW.scheduled_dttm = OLD.scheduled_dttm,
-                            NEW.queued_by_job_id = OLD.queued_by_job_id,
-                            NEW.last_heartbeat_at = OLD.last_heartbeat_at,
-                            NEW.pid = OLD.pid,
-                            NEW.executor = OLD.executor,
-                            NEW.executor_config = OLD.executor_config,
-                            NEW.updated_at = OLD.updated_at,
-                            NEW.rendered_map_index = OLD.rendered_map_index,
-                            NEW.context_carrier = OLD.context_carrier,
-                            NEW.span_status = OLD.span_status,
-                            NEW.external_executor_id = OLD.external_executor_id,
-                            NEW.trigger_id = OLD.trigger_id,
-                            NEW.trigger_timeout = OLD.trigger_timeout,
-                            NEW.next_method = OLD.next_method,
-                            NEW.next_kwargs = OLD.next_kwargs,
-                            NEW.task_display_name = OLD.task_display_name,
-                            NEW.dag_version_id = OLD.dag_version_id,
-                            NEW.retry_delay_override = OLD.retry_delay_override,
-                            NEW.retry_reason = OLD.retry_reason;
+                            NEW.updated_at = OLD.updated_at;
                     END IF;
                 END IF;
             END IF;
@@ -87,45 +52,10 @@ BEGIN
                         END IF;
                     END IF;
                     IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
-                        SET NEW.id = OLD.id,
-                            NEW.task_id = OLD.task_id,
-                            NEW.dag_id = OLD.dag_id,
-                            NEW.run_id = OLD.run_id,
-                            NEW.map_index = OLD.map_index,
-                            NEW.start_date = OLD.start_date,
-                            NEW.end_date = OLD.end_date,
-                            NEW.duration = OLD.duration,
-                            NEW.state = OLD.state,
+                        SET NEW.state = OLD.state,
                             NEW.try_number = OLD.try_number,
-                            NEW.max_tries = OLD.max_tries,
-                            NEW.hostname = OLD.hostname,
-                            NEW.unixname = OLD.unixname,
-                            NEW.pool = OLD.pool,
-                            NEW.pool_slots = OLD.pool_slots,
-                            NEW.queue = OLD.queue,
-                            NEW.priority_weight = OLD.priority_weight,
-                            NEW.operator = OLD.operator,
-                            NEW.custom_operator_name = OLD.custom_operator_name,
-                            NEW.queued_dttm = OLD.queued_dttm,
                             NEW.scheduled_dttm = OLD.scheduled_dttm,
-                            NEW.queued_by_job_id = OLD.queued_by_job_id,
-                            NEW.last_heartbeat_at = OLD.last_heartbeat_at,
-                            NEW.pid = OLD.pid,
-                            NEW.executor = OLD.executor,
-                            NEW.executor_config = OLD.executor_config,
-                            NEW.updated_at = OLD.updated_at,
-                            NEW.rendered_map_index = OLD.rendered_map_index,
-                            NEW.context_carrier = OLD.context_carrier,
-                            NEW.span_status = OLD.span_status,
-                            NEW.external_executor_id = OLD.external_executor_id,
-                            NEW.trigger_id = OLD.trigger_id,
-                            NEW.trigger_timeout = OLD.trigger_timeout,
-                            NEW.next_method = OLD.next_method,
-                            NEW.next_kwargs = OLD.next_kwargs,
-                            NEW.task_display_name = OLD.task_display_name,
-                            NEW.dag_version_id = OLD.dag_version_id,
-                            NEW.retry_delay_override = OLD.retry_delay_override,
-                            NEW.retry_reason = OLD.retry_reason;
+                            NEW.updated_at = OLD.updated_at;
                     END IF;
                 END IF;
             END IF;
@@ -137,7 +67,7 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_c6ae5090', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_38888e2a', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');

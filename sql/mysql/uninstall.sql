@@ -3,7 +3,7 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_c6ae5090;
+DROP TRIGGER IF EXISTS ti_guard_guard_38888e2a;
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

@@ -77,6 +77,9 @@ class Rule:
     signature: str
     may_raise: bool  # False: kept in every mode, because an ORM caller (the scheduler) meets it
     why: str
+    # The columns its writers write: what a kept row gets back where the backend cannot simply
+    # keep the old row (MySQL sets NEW.c = OLD.c; each such column costs every updated row).
+    writes: tuple[str, ...]
     # Airflow generations whose writers the signature tells apart (Airflow 2's own finish is an
     # ORM write like set_state: the second rule cannot tell it from a decided skip there).
     airflow: tuple[int, ...] = (2, 3)
@@ -97,6 +100,7 @@ RULES = (
         signature=STAMPS_START,
         may_raise=True,
         why="the pre-fix branch / short-circuit skip routes overwrite a task a worker holds or that finished",
+        writes=("state", "start_date", "end_date", "updated_at"),
     ),
     Rule(
         name="set_state_skip",
@@ -106,6 +110,7 @@ RULES = (
         may_raise=False,
         why="the scheduler's dependency checks (NotPreviouslySkippedDep, TriggerRuleDep) skip a task "
         "that already runs; they write through the ORM inside the scheduler loop, so the row is kept, never raised",
+        writes=("state", "end_date", "duration", "updated_at"),
         airflow=(3,),
     ),
     Rule(
@@ -117,6 +122,7 @@ RULES = (
         why="`DagRun.schedule_tis` before 3.3 schedules from a stale read without checking the state: a running task "
         "is put back to scheduled and runs again (apache/airflow#60330); it runs in the scheduler loop, so the row is "
         "kept, never raised, which is exactly upstream's 3.3 WHERE fix",
+        writes=("state", "try_number", "scheduled_dttm", "updated_at"),
         spared_on_airflow_2=("failed",),
     ),
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -13,7 +12,6 @@ from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-COLUMNS_CHANGED = "the table's columns changed since install; a kept row restores every column"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
 
 
@@ -51,22 +49,21 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if not recorded:
         report.worse(WARNING, "the settings record ti_guard_settings is missing: run ti-guard install")
     objects = expected(conn, policy, columns)
-    stale = {name: _stale_reason(conn, policy, have, columns) for name, have in installed.items() if name not in {o.name for o in objects}}
+    stale = [name for name in installed if name not in {o.name for o in objects}]
     earlier = _earlier_guard_intact(recorded, installed, objects)
     for obj in objects:
         have = installed.get(obj.name)
         if have is None and earlier:
             # The recorded guard is whole and enabled, only not today's SQL: it still refuses.
-            why = "predates a column change" if COLUMNS_CHANGED in stale.values() else "was written by another ti-guard release"
-            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the guard in place ({earlier}) {why} and still guards: run ti-guard install to replace it")
+            report.worse(WARNING, f"{obj.kind} {obj.name} is not installed yet: the guard in place ({earlier}) was written by another ti-guard release (or for other columns) and still guards: run ti-guard install to replace it")
         elif have is None:
             report.worse(CRITICAL, f"{obj.kind} {obj.name} is missing: {_missing_hint(conn, policy, installed)}")
         elif have.definition != obj.definition:
             report.worse(WARNING, f"{obj.kind} {obj.name} was changed by hand: run ti-guard install to restore it")
         elif not have.enabled:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
-    for name, reason in stale.items():
-        report.worse(WARNING, f"{installed[name].kind} {name} is not part of the expected guard ({reason}): run ti-guard install")
+    for name in stale:
+        report.worse(WARNING, f"{installed[name].kind} {name} is not part of the expected guard (left from another definition or setting): run ti-guard install")
     if dialect_name(conn.dialect.name) == "mysql":
         _check_definers(conn, installed, report)
     version = catalog.revision(conn, VERSION_TABLE, policy.db_schema)
@@ -88,14 +85,6 @@ def _missing_hint(conn, policy, installed) -> str:
     if dialect_name(conn.dialect.name) == "sqlite" and not any(o.kind == "trigger" for o in installed.values()):
         return f"Airflow's batch migrations re-create {policy.table} on SQLite and drop its triggers; run ti-guard install"
     return "run ti-guard install"
-
-
-def _stale_reason(conn, policy: Policy, have, columns) -> str:
-    if dialect_name(conn.dialect.name) == "mysql":
-        restored = re.findall(r"NEW\.`?([A-Za-z0-9_]+)`? = OLD\.", have.definition)
-        if restored and restored != list(columns):
-            return COLUMNS_CHANGED
-    return "left from another definition or setting"
 
 
 def _check_definers(conn, installed, report: Report) -> None:
