@@ -1,0 +1,659 @@
+"""One real Airflow deployment: api-server, scheduler, dag-processor, triggerer on a scratch metadata DB.
+
+`Deployment` starts every component as a process group of its own, each writing to its own log
+file in the work dir, with LocalExecutor; talks to the public REST API (a token from the simple
+auth manager's `GET /auth/token`, which needs no password when `simple_auth_manager_all_admins`
+is on, in 3.1 and 3.3 alike); reads task instances, runs and scheduler heartbeats straight from
+the database; installs and removes the guard with the project's own `ti-guard` CLI. Every wait
+has a deadline: a hung component raises `DeploymentError`, it never hangs the suite.
+
+Below the class: the cases (one function per case in CASES, each driving its DAG runs from
+dags/deploy_dags.py) and `run_deployment`, which starts one deployment, runs every variant on it
+and returns plain data for test_deploy.py and deploy_table.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ti_guard.db import make_engine, scratch_database
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO / "tests" / "airflow"))
+import airflow_venv  # noqa: E402  (tests/airflow: the cached Airflow virtualenvs)
+
+PROJECT_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "ti-guard").exists() else Path(sys.executable).parent
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+DAG_IDS = ("deploy_timeout", "deploy_rest_marks", "deploy_fail_fast", "deploy_deferrable", "deploy_race")
+FINISHED_RUN = ("success", "failed")
+# What counts as a component crashing: a traceback or the scheduler loop's own last words.
+BAD_LOG_LINES = re.compile(r"Traceback \(most recent call last\)|Exception when executing SchedulerJob\._run_scheduler_loop")
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+def say(message: str) -> None:
+    # pytest captures sys.stderr; CI logs need the real one to show progress.
+    print(time.strftime("%H:%M:%S ") + message, file=sys.__stderr__, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 1.0):
+    """Polls `check()` until it returns something truthy; raises DeploymentError at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except DeploymentError:
+            raise
+        except Exception as exc:  # a server still starting refuses connections; keep the last reason
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else ""))
+        time.sleep(interval)
+
+
+def utc(value):
+    """Airflow stores UTC; MySQL hands it back naive, PostgreSQL aware."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Rest:
+    """The public REST API (/api/v2), with a bearer token from the simple auth manager."""
+
+    def __init__(self, base: str):
+        self.base, self.token = base, None
+
+    def call(self, method: str, path: str, body=None, timeout: float = 60) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode(errors="replace")[:2000]
+
+    def login(self):
+        status, body = self.call("GET", "/auth/token")
+        if status not in (200, 201) or not isinstance(body, dict) or "access_token" not in body:
+            raise DeploymentError(f"GET /auth/token answered {status}: {body}")
+        self.token = body["access_token"]
+
+
+class Deployment:
+    """One Airflow version on one backend, every component running, until `close()`."""
+
+    def __init__(self, version: str, backend: str, admin_url: str, workdir: Path):
+        self.version, self.backend, self.workdir = version, backend, workdir
+        self.tag = f"[deploy {version} {backend}]"
+        self.admin_url = admin_url
+        self.home = workdir / "home"
+        self.markers = workdir / "markers"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: list[dict] = []
+        self._scratch = contextlib.ExitStack()
+        self.engine = None
+        self.port = None
+        self.rest = None
+        self.deadline = None  # monotonic: set per variant, caps every wait of its cases
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timings: dict):
+        t0 = time.monotonic()
+        self.venv = airflow_venv.ensure(self.version, say=say)
+        self.python = str(airflow_venv.python_of(self.venv))
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.url = self._scratch.enter_context(scratch_database(self.admin_url, "ti_guard_deploy"))
+        self.engine = make_engine(self.url)
+        driver = "postgresql+psycopg2" if self.backend == "postgresql" else "mysql+pymysql"
+        airflow_url = sa.engine.make_url(self.url).set(drivername=driver).render_as_string(hide_password=False)
+        self.port = free_port()
+        base = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url,
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "12",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__API__BASE_URL": base,
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__WORKERS": "1",
+            # Every component must sign and check the same JWTs (workers -> execution API).
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(32),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            # The scheduler's asset-orphanage job runs every parsing_cleanup_interval (60 s); on MariaDB
+            # 10.11 its DELETE ... WHERE EXISTS (CTE) is a syntax error (1064) that ends the scheduler
+            # loop, guard or not (3.3.2). Keep it out of the run on every backend alike.
+            "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "86400",
+            "TI_GUARD_DEPLOY_MARKERS": str(self.markers),
+            "PYTHONUNBUFFERED": "1",
+        }
+        say(f"{self.tag} airflow db migrate ({self.url.rsplit('/', 1)[-1].split('?')[0]})")
+        rc = self.airflow_cli("db", "migrate", timeout=900)
+        if rc != 0:
+            raise DeploymentError(f"airflow db migrate exited {rc}: see {self.workdir / 'cli.log'}")
+        timings["migrate"] = round(time.monotonic() - t0, 1)
+        t1 = time.monotonic()
+        for name in COMPONENTS:
+            self._spawn(name)
+        self.rest = Rest(base)
+        wait_for("the api-server to answer /api/v2/version", self._api_up, timeout=240, interval=2)
+        self.rest.login()
+        timings["api_server_ready"] = round(time.monotonic() - t1, 1)
+        wait_for("a scheduler heartbeat", lambda: self._check_alive() or self.heartbeats().get("SchedulerJob"), timeout=240, interval=2)
+        timings["scheduler_ready"] = round(time.monotonic() - t1, 1)
+        wait_for(f"the dag-processor to parse {', '.join(DAG_IDS)}", self._dags_parsed, timeout=300, interval=3)
+        for dag_id in DAG_IDS:  # belt and braces: paused_at_creation is off, unpause anyway
+            self.rest.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        timings["dags_parsed"] = round(time.monotonic() - t1, 1)
+        self.server = self.server_version()
+        say(f"{self.tag} up: api-server on :{self.port}, {timings}")
+
+    def _spawn(self, name: str):
+        args = {"api-server": ["api-server", "--port", str(self.port), "--host", "127.0.0.1"]}.get(name, [name])
+        log = open(self.log_path(name), "ab")
+        log.write(f"\n===== {time.strftime('%H:%M:%S')} airflow {' '.join(args)}\n".encode())
+        log.flush()
+        # A process group of its own: stop() signals the component and every child it forked.
+        self.procs[name] = subprocess.Popen(
+            [self.python, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True,
+        )
+        log.close()
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def airflow_cli(self, *args, timeout: float = 300) -> int:
+        with open(self.workdir / "cli.log", "ab") as log:
+            log.write(f"\n$ airflow {' '.join(args)}\n".encode())
+            log.flush()
+            try:
+                return subprocess.run([self.python, "-m", "airflow", *args], env=self.env, stdout=log, stderr=log,
+                                      timeout=timeout, cwd=self.home).returncode
+            except subprocess.TimeoutExpired:
+                raise DeploymentError(f"airflow {' '.join(args)} did not finish in {timeout} s") from None
+
+    def _api_up(self):
+        self._check_alive()
+        status, body = Rest(self.rest.base).call("GET", "/api/v2/version", timeout=10)
+        return status == 200 and body
+
+    def _check_alive(self):
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise DeploymentError(f"component(s) exited while starting: {dead}; logs in {self.workdir}")
+
+    def _dags_parsed(self):
+        self._check_alive()
+        return all(self.rest.call("GET", f"/api/v2/dags/{d}", timeout=20)[0] == 200 for d in DAG_IDS)
+
+    def exited(self) -> dict:
+        """Components that are no longer running: name -> exit code."""
+        return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+
+    def restart_dead(self, why: str) -> dict:
+        """Starts again any component that exited (recorded), so one variant's crash does not spill into the next."""
+        dead = self.exited()
+        for name, rc in dead.items():
+            say(f"{self.tag} {name} had exited ({rc}); restarting it ({why})")
+            self.restarts.append({"component": name, "returncode": rc, "when": why})
+            self._spawn(name)
+        if "api-server" in dead:
+            wait_for("the restarted api-server", self._api_up, timeout=240, interval=2)
+            self.rest.login()
+        if "scheduler" in dead:
+            before = self.heartbeats().get("SchedulerJob")
+            wait_for("the restarted scheduler's heartbeat",
+                     lambda: (self.heartbeats().get("SchedulerJob") or before) != before, timeout=240, interval=2)
+        return dead
+
+    def stop(self, grace: float = 30):
+        """SIGTERM to every component's process group, SIGKILL to whatever is left after `grace` s."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            # The group may outlive its leader (task processes): kill the group whatever the leader did.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+    def close(self):
+        try:
+            self.stop()
+        finally:
+            if self.engine is not None:
+                self.engine.dispose()
+            self._scratch.close()  # drops the scratch database (WITH (FORCE) on PostgreSQL)
+
+    # -- the guard ---------------------------------------------------------------------------
+
+    def guard(self, variant: str) -> dict:
+        """`ti-guard uninstall` for none, `ti-guard install --mode X` otherwise; then `ti-guard status`."""
+        args = ["uninstall", "--url", self.url] if variant == "none" else ["install", "--url", self.url, "--mode", variant]
+        done = self._ti_guard(*args)
+        status = self._ti_guard("status", "--url", self.url)
+        return {"command": f"ti-guard {args[0]}" + ("" if variant == "none" else f" --mode {variant}"),
+                "rc": done.returncode, "output": (done.stdout + done.stderr).strip()[-2000:],
+                "status_rc": status.returncode, "status": (status.stdout + status.stderr).strip()[-2000:]}
+
+    def _ti_guard(self, *args):
+        try:
+            return subprocess.run([str(PROJECT_BIN / "ti-guard"), *args], capture_output=True, text=True, cwd=REPO, timeout=180)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"ti-guard {args[0]} did not finish in 180 s") from None
+
+    # -- reading the database ----------------------------------------------------------------
+
+    def server_version(self) -> str:
+        with self.engine.connect() as conn:
+            query = "SHOW server_version" if self.backend == "postgresql" else "SELECT VERSION()"
+            return f"{self.backend} {conn.exec_driver_sql(query).scalar()}"
+
+    def heartbeats(self) -> dict:
+        """job_type -> the newest latest_heartbeat among running jobs (SchedulerJob, TriggererJob, DagProcessorJob)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT job_type, MAX(latest_heartbeat) FROM job WHERE state = 'running' GROUP BY job_type")).all()
+        return {job_type: utc(beat) for job_type, beat in rows}
+
+    def run_state(self, dag_id: str, run_id: str):
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r"), {"d": dag_id, "r": run_id}).scalar()
+
+    def tis(self, dag_id: str, run_id: str) -> dict:
+        """task_id -> {state, try_number, start_date, end_date, seconds} as stored."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT task_id, map_index, state, try_number, start_date, end_date FROM task_instance "
+                "WHERE dag_id = :d AND run_id = :r ORDER BY task_id, map_index"), {"d": dag_id, "r": run_id}).all()
+        out = {}
+        for task_id, map_index, state, tries, start, end in rows:
+            start, end = utc(start), utc(end)
+            out[task_id if map_index < 0 else f"{task_id}[{map_index}]"] = {
+                "state": state, "try_number": tries,
+                "start_date": start.isoformat() if start else None, "end_date": end.isoformat() if end else None,
+                "seconds": round((end - start).total_seconds(), 1) if start and end else None,
+            }
+        return out
+
+    def ti_states(self, dag_id: str, run_id: str) -> dict:
+        return {t: v["state"] for t, v in self.tis(dag_id, run_id).items()}
+
+    # -- REST helpers --------------------------------------------------------------------------
+
+    def trigger(self, dag_id: str, run_id: str) -> dict:
+        status, body = self.rest.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        if status not in (200, 201):
+            raise DeploymentError(f"triggering {dag_id} ({run_id}) answered {status}: {body}")
+        return {"status": status}
+
+    def wait(self, what: str, check, timeout: float, interval: float = 1.0):
+        """wait_for within the variant's deadline; gives up at once when the scheduler has exited
+        (nothing would move any more: the variant's failure is that exit, not a long timeout)."""
+        if self.deadline is not None:
+            timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
+
+        def guarded():
+            if self.procs.get("scheduler") is not None and self.procs["scheduler"].poll() is not None:
+                raise DeploymentError(f"gave up waiting for {what}: the scheduler exited ({self.procs['scheduler'].returncode})")
+            return check()
+        return wait_for(what, guarded, timeout=timeout, interval=interval)
+
+    def wait_tis(self, dag_id: str, run_id: str, what: str, predicate, timeout: float):
+        """Waits until predicate(ti_states) holds; returns the states."""
+        def check():
+            states = self.ti_states(dag_id, run_id)
+            return states if predicate(states) else None
+        return self.wait(f"{dag_id} {run_id}: {what}", check, timeout=timeout, interval=1)
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def log_offsets(self) -> dict:
+        return {name: self.log_path(name).stat().st_size if self.log_path(name).exists() else 0 for name in COMPONENTS}
+
+    def new_bad_lines(self, offsets: dict) -> dict:
+        """component -> the lines matching BAD_LOG_LINES written since `offsets`, each with the line that follows."""
+        out = {}
+        for name in COMPONENTS:
+            path = self.log_path(name)
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(offsets.get(name, 0))
+                lines = f.read().decode(errors="replace").splitlines()
+            hits = [" | ".join(lines[i:i + 1] + _last_line_of_traceback(lines, i)) for i, line in enumerate(lines) if BAD_LOG_LINES.search(line)]
+            if hits:
+                out[name] = hits[:20]
+        return out
+
+    def task_log_tracebacks(self, run_ids) -> dict:
+        """For information: task logs (under $AIRFLOW_HOME/logs) of these runs that contain a traceback."""
+        out = {}
+        logs = self.home / "logs"
+        if not logs.exists():
+            return out
+        for path in logs.rglob("*"):
+            if not path.is_file() or not any(f"run_id={r}" in str(path) for r in run_ids):
+                continue
+            text = path.read_text(errors="replace")
+            if "Traceback" in text or '"exc_info"' in text or '"error_detail"' in text:
+                out[str(path.relative_to(logs))] = _error_summary(text)
+        return out
+
+
+EXCEPTION_LINE = re.compile(r"^[\s|]*([A-Za-z_][\w.]*(?:Error|Exception|Violation|Exit|Interrupt)\b.*)")
+
+
+def _last_line_of_traceback(lines, i):
+    """The exception a traceback starting at line i ends with (the last `SomeError: ...` before the
+    next log record), so the report names the error, not just "Traceback"."""
+    found = None
+    for line in lines[i + 1:i + 300]:
+        if re.match(r"^\d{4}-\d\d-\d\d[ T]", line):  # the next log record
+            break
+        match = EXCEPTION_LINE.match(line)
+        if match and not line.lstrip(" |").startswith(("File ", "raise ", "+")):
+            found = match.group(1)
+    return [found[:400]] if found else []
+
+
+def _error_summary(text: str) -> str:
+    """The last error a task log names: task logs are JSON lines in 3.x (error_detail), plain text otherwise."""
+    for line in reversed(text.splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            if "Error" in line or "Exception" in line:
+                return line[:300]
+            continue
+        for detail in entry.get("error_detail") or []:
+            return f"{entry.get('event')}: {detail.get('exc_type')}: {str(detail.get('exc_value'))[:200]}"
+        if entry.get("level") == "error":
+            return str(entry.get("event"))[:300]
+    return ""
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# == The cases ============================================================================
+# Each triggers its DAG runs on the running deployment and drives them; it returns what it did and
+# saw (REST calls with status and body, states seen while waiting, marker files). The final states
+# of its runs are read once the whole variant is quiet. A case that times out raises; the caller
+# records the error and the variant goes on.
+
+ACTIVE = {"running", "queued", "scheduled", "deferred", "up_for_reschedule", "up_for_retry", "restarting", None}
+RUN_TIMEOUT = 300
+
+
+def _call(dep: Deployment, name: str, method: str, path: str, body=None, watch=None) -> dict:
+    """One REST call, recorded with the TI states of `watch` (dag_id, run_id) just before and just after it."""
+    before = dep.ti_states(*watch) if watch else None
+    started = time.monotonic()
+    status, answer = dep.rest.call(method, path, body)
+    after = dep.ti_states(*watch) if watch else None
+    text = answer if isinstance(answer, str) else _short(answer)
+    return {"name": name, "method": method, "path": path, "body": body, "status": status, "answer": text,
+            "seconds": round(time.monotonic() - started, 2), "states_before": before, "states_after": after}
+
+
+def _short(answer) -> object:
+    """Answers can be long (whole TI collections); keep the parts that say what happened."""
+    if isinstance(answer, dict) and "task_instances" in answer:
+        return {"task_instances": [{k: ti.get(k) for k in ("task_id", "state", "run_id")} for ti in answer["task_instances"]],
+                "total_entries": answer.get("total_entries")}
+    if isinstance(answer, dict) and "dag_run_id" in answer:
+        return {k: answer.get(k) for k in ("dag_run_id", "state")}
+    return answer
+
+
+def _watch(dep: Deployment, dag_id: str, run_id: str, timeout: float = RUN_TIMEOUT) -> dict:
+    """Polls until the run is finished, remembering every state each TI was seen in (in order)."""
+    seen: dict[str, list] = {}
+
+    def finished():
+        for task_id, state in dep.ti_states(dag_id, run_id).items():
+            if not seen.get(task_id) or seen[task_id][-1] != state:
+                seen.setdefault(task_id, []).append(state)
+        return dep.run_state(dag_id, run_id) in FINISHED_RUN
+
+    try:
+        dep.wait(f"{dag_id} {run_id} to finish", finished, timeout=timeout, interval=1)
+    except DeploymentError as exc:
+        raise DeploymentError(f"{exc}; TI states seen: {seen}") from None
+    return {"seen": seen, "run_finished_as": dep.run_state(dag_id, run_id)}
+
+
+def timeout(dep: Deployment, rid: str, out: dict):
+    """dagrun_timeout 20 s over a task sleeping 60 s: the scheduler skips the running TI and fails the run."""
+    run = out["runs"]["timeout"] = ("deploy_timeout", f"{rid}_timeout")
+    dep.trigger(*run)
+    out["watch"] = _watch(dep, *run)
+
+
+def rest_marks(dep: Deployment, rid: str, out: dict):
+    """REST "mark as" on running and finished TIs (run `marks`); clear a running TI, then mark the run failed (run `runops`)."""
+    dag = "deploy_rest_marks"
+    runs = out["runs"]
+    runs.update(marks=(dag, f"{rid}_marks"), runops=(dag, f"{rid}_runops"))
+    for run in runs.values():
+        dep.trigger(*run)
+    longs = ("long_skip", "long_fail", "long_success")
+    calls = out["calls"] = []
+
+    marks = runs["marks"][1]
+    dep.wait_tis(dag, marks, "the long tasks running and quick done",
+                 lambda s: all(s.get(t) == "running" for t in longs) and s.get("quick") == "success", timeout=240)
+    for task_id, state in (("long_skip", "skipped"), ("long_fail", "failed"), ("long_success", "success"), ("quick", "skipped")):
+        calls.append(_call(dep, f"mark {task_id} {state}", "PATCH", f"/api/v2/dags/{dag}/dagRuns/{marks}/taskInstances/{task_id}",
+                           {"new_state": state}, watch=runs["marks"]))
+
+    runops = runs["runops"][1]
+    dep.wait_tis(dag, runops, "the long tasks running", lambda s: all(s.get(t) == "running" for t in longs), timeout=240)
+    tries = dep.tis(dag, runops)["long_skip"]["try_number"]
+    calls.append(_call(dep, "clear running long_skip", "POST", f"/api/v2/dags/{dag}/clearTaskInstances",
+                       {"dry_run": False, "only_failed": False, "task_ids": ["long_skip"], "dag_run_id": runops},
+                       watch=runs["runops"]))
+    try:
+        dep.wait_tis(dag, runops, "the cleared long_skip running again",
+                     lambda s: s.get("long_skip") == "running" and dep.tis(dag, runops)["long_skip"]["try_number"] > tries, timeout=120)
+        out["cleared_task_ran_again"] = True
+    except DeploymentError as exc:  # recorded: what clearing did is the measurement
+        out["cleared_task_ran_again"] = False
+        out["clear_wait"] = str(exc)
+    calls.append(_call(dep, "mark run failed", "PATCH", f"/api/v2/dags/{dag}/dagRuns/{runops}", {"state": "failed"},
+                       watch=runs["runops"]))
+    out["watch"] = {label: _watch(dep, *run) for label, run in runs.items()}
+
+
+def fail_fast(dep: Deployment, rid: str, out: dict):
+    """fail_fast DAG: one task fails after ~5 s, Airflow stops its running sibling."""
+    run = out["runs"]["fail_fast"] = ("deploy_fail_fast", f"{rid}_fail_fast")
+    dep.trigger(*run)
+    out["watch"] = _watch(dep, *run)
+
+
+def deferrable(dep: Deployment, rid: str, out: dict):
+    """A task deferred to the triggerer that skips itself on resume; a reschedule sensor that soft-fails."""
+    run = out["runs"]["deferrable"] = ("deploy_deferrable", f"{rid}_deferrable")
+    dep.trigger(*run)
+    out["watch"] = _watch(dep, *run)
+
+
+def race(dep: Deployment, rid: str, out: dict):
+    """The seed's race: `join` (one_success) is running when the slow branch decides against it."""
+    run = out["runs"]["race"] = ("deploy_race", f"{rid}_race")
+    dep.trigger(*run)
+    try:
+        out["watch"] = _watch(dep, *run)
+        # The run can end while join still runs (seen with the guard: the scheduler fails the run as
+        # deadlocked); join's markers mean something only once join itself is done.
+        dep.wait_tis(*run, "join to finish", lambda s: s.get("join") not in ACTIVE, timeout=120)
+    finally:
+        run_id = run[1]
+        decided = dep.markers / f"{run_id}.branch.decided"
+        out["markers"] = {
+            "join_started": (dep.markers / f"{run_id}.join.started").exists(),
+            "join_finished": (dep.markers / f"{run_id}.join.finished").exists(),
+            "branch_decided": decided.read_text() if decided.exists() else None,
+        }
+
+
+CASES = {"timeout": timeout, "rest_marks": rest_marks, "fail_fast": fail_fast, "deferrable": deferrable, "race": race}
+# Hook for later (3.1.8's racy schedule_tis, apache/airflow#60330): add a function above and its name here.
+
+
+# == One deployment, all its variants =========================================================
+
+VARIANT_TIMEOUT = 360  # every wait of a variant's cases ends by then (a variant takes ~30-70 s when healthy)
+QUIET_TIMEOUT = 120  # after the cases: how long TIs of the variant may still be active
+
+
+def run_deployment(version: str, backend: str, admin_url: str, cases, variants, workdir: Path) -> dict:
+    """Starts the components once, runs every variant in turn on them (cases of a variant concurrently),
+    and returns plain data for the tests and the README table. Never raises: errors are recorded."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    result = {"version": version, "backend": backend, "cases": list(cases), "workdir": str(workdir),
+              "timings": {}, "variants": {}, "restarts": []}
+    dep = Deployment(version, backend, admin_url, workdir)
+    try:
+        dep.start(result["timings"])
+        result["server"] = dep.server
+        result["api_version"] = dep.rest.call("GET", "/api/v2/version")[1]
+        for variant in variants:
+            t0 = time.monotonic()
+            out = result["variants"][variant] = {"restarted_before": dep.restart_dead(f"before variant {variant}")}
+            out["guard"] = dep.guard(variant)
+            offsets = dep.log_offsets()
+            beats_before = dep.heartbeats()
+            rid = f"tg_{variant}_{uuid.uuid4().hex[:6]}"
+            dep.deadline = time.monotonic() + VARIANT_TIMEOUT
+            say(f"{dep.tag} variant {variant}: {out['guard']['command']} -> rc {out['guard']['rc']}; cases {', '.join(cases)} ({rid})")
+            with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+                futures = {name: pool.submit(_run_case, dep, name, rid) for name in cases}
+                out["cases"] = {name: f.result() for name, f in futures.items()}
+            all_runs = [run for case in out["cases"].values() for run in case.get("runs", {}).values()]
+            dep.deadline += QUIET_TIMEOUT  # the quiet wait has time of its own even after a case used up the deadline
+            out["quiet"] = _wait_quiet(dep, all_runs)
+            dep.deadline = None
+            for case in out["cases"].values():
+                case["final"] = {label: {"run": dep.run_state(*run), "tis": dep.tis(*run)} for label, run in case.get("runs", {}).items()}
+            out["exited"] = dep.exited()
+            beats_after = dep.heartbeats()
+            now = now_utc()
+            sched_before, sched_after = beats_before.get("SchedulerJob"), beats_after.get("SchedulerJob")
+            out["scheduler"] = {
+                "heartbeat_before": sched_before.isoformat() if sched_before else None,
+                "heartbeat_after": sched_after.isoformat() if sched_after else None,
+                "advanced": bool(sched_before and sched_after and sched_after > sched_before),
+                "age_at_end": round((now - sched_after).total_seconds(), 1) if sched_after else None,
+            }
+            out["heartbeats_at_end"] = {k: round((now - v).total_seconds(), 1) for k, v in beats_after.items() if v}
+            out["bad_log_lines"] = dep.new_bad_lines(offsets)
+            out["task_log_errors"] = dep.task_log_tracebacks([run_id for _, run_id in all_runs])
+            out["seconds"] = round(time.monotonic() - t0, 1)
+            result["timings"][f"variant {variant}"] = out["seconds"]
+            say(f"{dep.tag} variant {variant} done in {out['seconds']} s: exited {out['exited'] or 'none'}, "
+                f"scheduler {out['scheduler']}, bad log lines in {sorted(out['bad_log_lines']) or 'none'}")
+            for name, case in out["cases"].items():
+                say(f"{dep.tag}   {variant} {name}: " + ("ERROR " + case["error"] if "error" in case else "")
+                    + "; ".join(f"{label} {f['run']} {({t: v['state'] for t, v in f['tis'].items()})}" for label, f in case["final"].items()))
+    except Exception as exc:
+        import traceback
+        result["error"] = f"{exc.__class__.__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+        say(f"{dep.tag} ERROR {result['error']} (logs in {workdir})")
+    finally:
+        t0 = time.monotonic()
+        try:
+            dep.close()
+        except Exception as exc:
+            result.setdefault("error", f"stopping the deployment failed: {exc!r}")
+        result["timings"]["stop"] = round(time.monotonic() - t0, 1)
+        result["restarts"] = dep.restarts
+        result["seconds"] = round(time.monotonic() - started, 1)
+        say(f"{dep.tag} done in {result['seconds']} s {result['timings']}")
+    return result
+
+
+def _run_case(dep: Deployment, name: str, rid: str) -> dict:
+    t0 = time.monotonic()
+    out = {"runs": {}}
+    try:
+        CASES[name](dep, rid, out)
+    except Exception as exc:  # recorded and asserted on by the tests; the variant goes on
+        out["error"] = f"{exc.__class__.__name__}: {exc}"
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def _wait_quiet(dep: Deployment, runs) -> dict:
+    """Waits until no TI of these runs is still active (the final states are then final)."""
+    def active():
+        left = {f"{run_id}.{t}": s for dag_id, run_id in runs for t, s in dep.ti_states(dag_id, run_id).items() if s in ACTIVE}
+        return left
+    try:
+        dep.wait("the variant's task instances to finish", lambda: not active(), timeout=QUIET_TIMEOUT, interval=2)
+        return {"quiet": True}
+    except DeploymentError:
+        return {"quiet": False, "still_active": active()}

@@ -1,0 +1,283 @@
+"""The guard on a real running Airflow: api-server, scheduler (LocalExecutor), dag-processor, triggerer.
+
+One deployment per (Airflow version, backend) is started once (deployment.py) and every variant
+runs on it in turn: `none` (`ti-guard uninstall`), `raise`, `ignore` (`ti-guard install --mode`).
+In each variant the cases run concurrently (their DAGs in dags/deploy_dags.py). The `none`
+variant is the yardstick: every other variant must end every run and task instance as `none`
+did, except where EXPECTED below says otherwise. Universal properties are asserted per variant:
+no component exited, the scheduler kept heartbeating, no new traceback in a component's log.
+
+Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL and MariaDB with every case,
+3.1.8 on PostgreSQL with the race), =full (3.3.2 and 3.1.8 x PostgreSQL and MariaDB, every
+case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql`.
+TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
+TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
+Work dirs (every component's log, task logs, markers) are kept when a check failed and named
+in the failure; otherwise deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import conftest as main_conftest
+
+from . import deployment
+from .deployment import say
+
+pytestmark = pytest.mark.deploy
+
+# ---------------------------------------------------------------------------------------------
+# Expected outcomes, per (version, backend, variant, case): "*" matches anything; the most
+# specific matching entry wins (exact version beats "*", then exact backend, then variant).
+# A value is {run label: {"@run": run state, task_id: TI state, "@http": {call name: status}}}:
+# it overrides what the `none` variant of the same deployment produced (no entry: exactly as
+# `none`). RECORD: measured and shown, not asserted.
+# ---------------------------------------------------------------------------------------------
+RECORD = None
+ALL = "*"
+# With set_state_skip, `join` keeps running and succeeds; the scheduler's deadlock check
+# (`DagRun.update_state`: no unfinished TI has its deps met, and join's NotPreviouslySkippedDep
+# fails on every pass) then marks the run failed while join still runs. Measured; README, "Policy".
+_RACE_GUARDED = {"race": {"@run": "failed", "fast": "success", "branch": "success", "join": "success", "other": "success"}}
+EXPECTED = {
+    # The scheduler's designed dagrun_timeout write goes through the guard, in every variant.
+    (ALL, ALL, ALL, "timeout"): {"timeout": {"@run": "failed", "sleeps": "skipped"}},
+    # Both tasks skip themselves (after a deferral; a soft_fail sensor timing out in reschedule mode).
+    (ALL, ALL, ALL, "deferrable"): {"deferrable": {"@run": "success", "defer_then_skip": "skipped", "reschedule_soft_fail": "skipped"}},
+    # REST "mark as skipped" on a running TI: on PostgreSQL the guard leaves the row running (the
+    # call still answers 200: the ORM sees its 1 row) and the task runs on to success. MariaDB cannot
+    # tell that write from a task's own finish: there it goes through, as without the guard.
+    (ALL, "postgresql", "raise", "rest_marks"): {"marks": {"long_skip": "success"}},
+    (ALL, "postgresql", "ignore", "rest_marks"): {"marks": {"long_skip": "success"}},
+    # The seed's race: with the guard, `join` keeps running and succeeds, and so does the run.
+    # (First runs, 3.3.2 and 3.1.8 on PostgreSQL, both modes: join success but the run FAILED: the
+    # scheduler's set_state(skipped) on the running join is kept out of the row, the scheduler's next
+    # pass skips it again in memory and logs "Task deadlock (no runnable tasks); marking run failed".)
+    (ALL, "postgresql", "raise", "race"): _RACE_GUARDED,
+    (ALL, "postgresql", "ignore", "race"): _RACE_GUARDED,
+    # Without the guard the outcome of the race is the measurement (join skipped mid-run).
+    (ALL, ALL, "none", "race"): RECORD,
+    # MariaDB: the scheduler's set_state(skipped) on the running join looks like a self-finish.
+    (ALL, "mysql", "raise", "race"): RECORD,
+    (ALL, "mysql", "ignore", "race"): RECORD,
+    # 3.1.8 raise: the branch's racy skip route is refused with an error: the branch task fails and
+    # `other` ends upstream_failed (README, "Which mode"). Asserted, with the run.
+    ("3.1.8", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
+                                               "other": "upstream_failed"}},
+}
+# Component-log tracebacks that are the measured cost of a mode, not a failure of the suite:
+# (version, backend, variant) -> why. Recorded and shown in the README block, not asserted.
+KNOWN_TRACEBACKS = {
+    ("3.1.8", ALL, "raise"): "raise mode refuses 3.1.8's racy skip route: the API server answers 500 and logs it",
+}
+
+ALL_CASES = tuple(deployment.CASES)
+VERSIONS = ("3.3.2", "3.1.8")
+BACKENDS = ("postgresql", "mysql")
+DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race",))]
+FULL_MATRIX = [(v, b, ALL_CASES) for v in VERSIONS for b in BACKENDS]
+ADMIN_URLS = {"postgresql": main_conftest.PG_URL, "mysql": main_conftest.MYSQL_URL}
+RESULTS = Path(os.environ.get("TI_GUARD_DEPLOY_RESULTS", deployment.REPO / ".pytest_cache" / "ti-guard-deploy.json"))
+HEARTBEAT_MAX_AGE = 30
+
+
+def _matrix():
+    spec = os.environ.get("TI_GUARD_DEPLOY_MATRIX", "default").strip()
+    if spec == "default":
+        return DEFAULT_MATRIX
+    if spec == "full":
+        return FULL_MATRIX
+    out = []
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        combo, _, cases = item.partition(":")
+        version, _, backend = combo.partition("-")
+        chosen = tuple(c for c in cases.split("+") if c) if cases else ALL_CASES
+        unknown = set(chosen) - set(ALL_CASES)
+        if backend not in BACKENDS or unknown:
+            raise pytest.UsageError(f"TI_GUARD_DEPLOY_MATRIX: cannot read {item!r} (backends {BACKENDS}, cases {ALL_CASES})")
+        out.append((version, backend, chosen))
+    return out
+
+
+MATRIX = _matrix()
+VARIANTS = tuple(v.strip() for v in os.environ.get("TI_GUARD_DEPLOY_VARIANTS", "none,raise,ignore").split(",") if v.strip())
+assert VARIANTS and VARIANTS[0] == "none", "TI_GUARD_DEPLOY_VARIANTS must start with none (the yardstick)"
+CHECKS: list[dict] = []
+
+
+def expected_for(version, backend, variant, case):
+    """The most specific EXPECTED entry: (found, value)."""
+    best, found, value = -1, False, None
+    for (v, b, var, c), entry in EXPECTED.items():
+        if c != case or v not in (ALL, version) or b not in (ALL, backend) or var not in (ALL, variant):
+            continue
+        score = 4 * (v != ALL) + 2 * (b != ALL) + (var != ALL)
+        if score > best:
+            best, found, value = score, True, entry
+    return found, value
+
+
+@pytest.fixture(scope="session")
+def deployments(request):
+    """Runs every deployment of the matrix once, one after the other (2 cores: never two at once)."""
+    for backend in {b for _, b, _ in MATRIX}:
+        main_conftest._admin(ADMIN_URLS[backend]).dispose()  # an unreachable server fails here, never a skip
+    results = {}
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        for version, backend, cases in MATRIX:
+            workdir = Path(tempfile.mkdtemp(prefix=f"ti-guard-deploy-{version}-{backend}-"))
+            say(f"[deploy {version} {backend}] work dir {workdir}")
+            results[(version, backend)] = deployment.run_deployment(version, backend, ADMIN_URLS[backend], cases, VARIANTS, workdir)
+            _write_results(results)
+    yield results
+    _write_results(results)
+    for (version, backend), result in results.items():
+        failed = "error" in result or any(not c["ok"] for c in CHECKS if (c["version"], c["backend"]) == (version, backend))
+        if failed:
+            say(f"[deploy {version} {backend}] kept the work dir with every log: {result['workdir']}")
+        else:
+            shutil.rmtree(result["workdir"], ignore_errors=True)
+
+
+def _write_results(results):
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    data = {"variants": list(VARIANTS), "deployments": [{**r, "key": list(k)} for k, r in results.items()], "checks": CHECKS}
+    RESULTS.write_text(json.dumps(data, indent=1, default=str))
+
+
+def check(dep, variant, what, observed, expected, case=None):
+    """Records the comparison (for the README block), then asserts it, naming the kept work dir."""
+    ok = observed == expected
+    CHECKS.append({"version": dep["version"], "backend": dep["backend"], "variant": variant, "case": case, "check": what,
+                   "ok": ok, "observed": observed, "expected": expected})
+    assert ok, (f"airflow {dep['version']} {dep['backend']} [{variant}] {case or ''} {what}: observed != expected "
+                f"(logs kept in {dep['workdir']})\nobserved: {observed}\nexpected: {expected}")
+
+
+@pytest.fixture
+def dep(deployments, version, backend):
+    result = deployments[(version, backend)]
+    if "error" in result:
+        pytest.fail(f"airflow {version} on {backend}: the deployment did not run through: {result['error']} "
+                    f"(logs kept in {result['workdir']})\n{result.get('traceback', '')}", pytrace=False)
+    return result
+
+
+def _variant(dep, variant):
+    out = dep["variants"].get(variant)
+    if out is None:
+        pytest.fail(f"variant {variant} did not run (logs kept in {dep['workdir']})", pytrace=False)
+    return out
+
+
+def _params(with_case=False, only=None):
+    rows = []
+    for version, backend, cases in MATRIX:
+        for variant in VARIANTS:
+            for case in (cases if with_case else (None,)):
+                if only and case not in only:
+                    continue
+                rows.append(pytest.param(version, backend, variant, case, id="-".join(filter(None, (version, backend, variant, case)))))
+    return pytest.mark.parametrize("version,backend,variant,case", rows)
+
+
+# --------------------------------------------------------------------------------- per variant
+
+@_params()
+def test_guard_applied(dep, variant, case):
+    """`ti-guard uninstall` / `install --mode` on the live database exits 0 and `status` agrees (2 missing, 0 current)."""
+    guard = _variant(dep, variant)["guard"]
+    check(dep, variant, "guard applied", {"rc": guard["rc"], "status": guard["status_rc"]},
+          {"rc": 0, "status": 2 if variant == "none" else 0})
+
+
+@_params()
+def test_components_kept_running(dep, variant, case):
+    """No component process exited during the variant (nor had to be restarted before it)."""
+    out = _variant(dep, variant)
+    restarted = {r["component"]: r["returncode"] for r in out["restarted_before"]} if isinstance(out["restarted_before"], list) else out["restarted_before"]
+    check(dep, variant, "components running", {"exited": out["exited"], "restarted_before": restarted}, {"exited": {}, "restarted_before": {}})
+
+
+@_params()
+def test_scheduler_heartbeats(dep, variant, case):
+    """The scheduler's job row heartbeat advanced during the variant and is recent at its end."""
+    sched = _variant(dep, variant)["scheduler"]
+    age = sched["age_at_end"]
+    check(dep, variant, "scheduler heartbeat", {"advanced": sched["advanced"], "recent": age is not None and age <= HEARTBEAT_MAX_AGE},
+          {"advanced": True, "recent": True})
+
+
+@_params()
+def test_no_new_tracebacks_in_component_logs(dep, variant, case):
+    """No `Traceback` / scheduler-loop exception newly written to api-server, scheduler, dag-processor, triggerer logs."""
+    bad = _variant(dep, variant)["bad_log_lines"]
+    known = [why for (v, b, var), why in KNOWN_TRACEBACKS.items()
+             if v in (ALL, dep["version"]) and b in (ALL, dep["backend"]) and var == variant]
+    if known:
+        CHECKS.append({"version": dep["version"], "backend": dep["backend"], "variant": variant, "case": None,
+                       "check": "component logs", "ok": True, "observed": bad, "expected": f"recorded only: {known[0]}"})
+        return
+    check(dep, variant, "component logs", bad, {})
+
+
+# ------------------------------------------------------------------------------------ per case
+
+@_params(with_case=True)
+def test_case_ran(dep, variant, case):
+    """The case drove its runs to the end within its deadlines, and the variant's TIs all finished."""
+    out = _variant(dep, variant)
+    check(dep, variant, "ran to the end", {"error": out["cases"][case].get("error"), "all TIs finished": out["quiet"]["quiet"]},
+          {"error": None, "all TIs finished": True}, case=case)
+
+
+@_params(with_case=True)
+def test_final_states(dep, variant, case):
+    """Every run and TI of the case ends as in the `none` variant, except where EXPECTED says otherwise."""
+    found, entry = expected_for(dep["version"], dep["backend"], variant, case)
+    observed = _final(_variant(dep, variant)["cases"][case])
+    if found and entry is RECORD:
+        CHECKS.append({"version": dep["version"], "backend": dep["backend"], "variant": variant, "case": case,
+                       "check": "final states", "ok": True, "observed": observed, "expected": "recorded only"})
+        return
+    expected = _final(_variant(dep, "none")["cases"][case])
+    for label, overrides in (entry or {}).items():
+        run = expected.setdefault(label, {"@run": None})
+        run.update({k: v for k, v in overrides.items() if k != "@http"})
+    check(dep, variant, "final states", observed, expected, case=case)
+
+
+def _final(case_out):
+    return {label: {"@run": f["run"], **{t: v["state"] for t, v in f["tis"].items()}} for label, f in case_out.get("final", {}).items()}
+
+
+@_params(with_case=True, only=("rest_marks",))
+def test_rest_calls_answer_as_without_guard(dep, variant, case):
+    """Each REST call (mark TI skipped/failed/success, mark finished TI skipped, clear, mark run failed) answers as without the guard."""
+    found, entry = expected_for(dep["version"], dep["backend"], variant, case)
+    if found and entry is RECORD:
+        return
+    calls = lambda v: {c["name"]: c["status"] for c in _variant(dep, v)["cases"][case].get("calls", [])}  # noqa: E731
+    expected = calls("none")
+    for overrides in (entry or {}).values():
+        expected.update(overrides.get("@http", {}))
+    check(dep, variant, "REST answers", calls(variant), expected, case=case)
+
+
+@_params(with_case=True, only=("race",))
+def test_race_was_exercised(dep, variant, case):
+    """The branch decided while `join` was running (else the case tests nothing), and join's state tells
+    whether its command ran to the end (success <=> the finished marker exists)."""
+    out = _variant(dep, variant)["cases"][case]
+    markers = out.get("markers", {})
+    join = out.get("final", {}).get("race", {}).get("tis", {}).get("join", {})
+    check(dep, variant, "race exercised",
+          {"branch decided": markers.get("branch_decided"), "join success == join ran to its end": (join.get("state") == "success") == markers.get("join_finished")},
+          {"branch decided": "join started", "join success == join ran to its end": True}, case=case)
