@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schema", help="schema of task_instance (PostgreSQL; default: Airflow's setting)")
         p.add_argument("--table", help=argparse.SUPPRESS)
         if policy:
-            p.add_argument("--mode", choices=("raise", "ignore"), help="refuse by failing the statement (raise) or by leaving the row as it was (ignore)")
+            p.add_argument("--mode", choices=("ignore", "raise"), help="ignore (default): a refused row is kept as it was; raise: a racy skip route fails its statement (rules that Airflow's scheduler meets only ever keep)")
             p.add_argument("--protect", help="comma-separated states a skip may not overwrite (default running,success,failed)")
         if lock:
             p.add_argument("--lock-timeout", type=float, help="seconds to wait for the table lock per attempt (default 2)")

@@ -8,7 +8,7 @@ did, except where EXPECTED below says otherwise. Universal properties are assert
 no component exited, the scheduler kept heartbeating, no new traceback in a component's log.
 
 Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL and MariaDB with every case,
-3.1.8 on PostgreSQL with the race), =full (3.3.2 and 3.1.8 x PostgreSQL and MariaDB, every
+3.1.8 on PostgreSQL with the race and schedule_tis), =full (3.3.2 and 3.1.8 x PostgreSQL and MariaDB, every
 case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql`.
 TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
 TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
@@ -71,6 +71,28 @@ EXPECTED = {
     # `other` ends upstream_failed (README, "Which mode"). Asserted, with the run.
     ("3.1.8", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
                                                "other": "upstream_failed"}},
+    # A stale scheduler's schedule_tis over the running `sleeps`: the task ends success in every variant
+    # (without the guard on 3.1.8 only after running twice); STALE_SCHEDULE below says how.
+    (ALL, ALL, ALL, "schedule_tis"): {"schedule_tis": {"@run": "success", "sleeps": "success"}},
+}
+# schedule_tis (apache/airflow#60330), per (version, backend, variant, "schedule_tis"), most specific
+# entry wins as in EXPECTED: what the stale scheduler's real `DagRun.schedule_tis` call returned (its
+# count of rows) and raised, the TI's state read right after its commit, and at the end the TI's state,
+# try_number, how many times the task started, and whether the first attempt's log says the server
+# told it to stop (a heartbeat answered 409 because the row was no longer running).
+_NOT_OVERWRITTEN = {"returned": 1, "error": None, "state right after": "running", "final state": "success",
+                    "try_number": 1, "starts": 1, "first attempt told to stop": False}
+STALE_SCHEDULE = {
+    # The guard's stale_schedule rule keeps the row in both modes (never raises: it runs in the
+    # scheduler loop); the statement still counts the kept row, as upstream's ORM callers expect.
+    (ALL, ALL, ALL, "schedule_tis"): _NOT_OVERWRITTEN,
+    # 3.1.8 without the guard: the running TI goes back to scheduled with try_number 2, its worker is
+    # stopped on its next heartbeat and the task runs a second time.
+    ("3.1.8", ALL, "none", "schedule_tis"): {"returned": 1, "error": None, "state right after": "scheduled",
+                                            "final state": "success", "try_number": 2, "starts": 2,
+                                            "first attempt told to stop": True},
+    # 3.3.2's WHERE (state IS NULL OR up_for_retry / up_for_reschedule) matches no row: nothing to keep.
+    ("3.3.2", ALL, ALL, "schedule_tis"): {**_NOT_OVERWRITTEN, "returned": 0},
 }
 # Component-log tracebacks that are the measured cost of a mode, not a failure of the suite:
 # (version, backend, variant) -> why. Recorded and shown in the README block, not asserted.
@@ -81,7 +103,7 @@ KNOWN_TRACEBACKS = {
 ALL_CASES = tuple(deployment.CASES)
 VERSIONS = ("3.3.2", "3.1.8")
 BACKENDS = ("postgresql", "mysql")
-DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race",))]
+DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race", "schedule_tis"))]
 FULL_MATRIX = [(v, b, ALL_CASES) for v in VERSIONS for b in BACKENDS]
 ADMIN_URLS = {"postgresql": main_conftest.PG_URL, "mysql": main_conftest.MYSQL_URL}
 RESULTS = Path(os.environ.get("TI_GUARD_DEPLOY_RESULTS", deployment.REPO / ".pytest_cache" / "ti-guard-deploy.json"))
@@ -112,10 +134,10 @@ assert VARIANTS and VARIANTS[0] == "none", "TI_GUARD_DEPLOY_VARIANTS must start 
 CHECKS: list[dict] = []
 
 
-def expected_for(version, backend, variant, case):
-    """The most specific EXPECTED entry: (found, value)."""
+def expected_for(version, backend, variant, case, table=None):
+    """The most specific EXPECTED (or `table`) entry: (found, value)."""
     best, found, value = -1, False, None
-    for (v, b, var, c), entry in EXPECTED.items():
+    for (v, b, var, c), entry in (EXPECTED if table is None else table).items():
         if c != case or v not in (ALL, version) or b not in (ALL, backend) or var not in (ALL, variant):
             continue
         score = 4 * (v != ALL) + 2 * (b != ALL) + (var != ALL)
@@ -281,3 +303,18 @@ def test_race_was_exercised(dep, variant, case):
     check(dep, variant, "race exercised",
           {"branch decided": markers.get("branch_decided"), "join success == join ran to its end": (join.get("state") == "success") == markers.get("join_finished")},
           {"branch decided": "join started", "join success == join ran to its end": True}, case=case)
+
+
+@_params(with_case=True, only=("schedule_tis",))
+def test_schedule_tis_stale_write(dep, variant, case):
+    """The stale scheduler's `DagRun.schedule_tis` over the running task: what the call returned, the row
+    right after it, and how often the task ran (STALE_SCHEDULE)."""
+    out = _variant(dep, variant)["cases"][case]
+    write = out.get("stale_write", {})
+    ti = out.get("final", {}).get("schedule_tis", {}).get("tis", {}).get("sleeps", {})
+    observed = {"returned": write.get("returned"), "error": write.get("error"),
+                "state right after": write.get("right_after", {}).get("state"), "final state": ti.get("state"),
+                "try_number": ti.get("try_number"), "starts": len(out.get("starts", [])),
+                "first attempt told to stop": out.get("attempt_logs", {}).get("1", {}).get("told to stop")}
+    _, expected = expected_for(dep["version"], dep["backend"], variant, case, table=STALE_SCHEDULE)
+    check(dep, variant, "stale schedule_tis", observed, expected, case=case)
