@@ -29,6 +29,7 @@ CASE_NAMES = {
     "fail_fast": "`fail_fast` DAG, one task fails",
     "deferrable": "deferral ending in a skip; reschedule sensor with soft_fail",
     "race": "the seed's race: branch decides against a running `one_success` task",
+    "schedule_tis": "a stale scheduler's `DagRun.schedule_tis` over a running task (apache/airflow#60330)",
 }
 HEALTH = ("components running", "scheduler heartbeat", "component logs")
 
@@ -82,7 +83,7 @@ def render_deployment(data, dep) -> list[str]:
         health.append("ok" if not bad else "**" + ", ".join(bad) + "**")
     lines.append("| components alive, scheduler heartbeating, no traceback in component logs | | " + " | ".join(health) + " |")
     lines.append("")
-    lines += _rest_calls(dep, variants) + _race_notes(dep, variants) + _problems(dep, variants)
+    lines += _rest_calls(dep, variants) + _race_notes(dep, variants) + _schedule_tis_notes(dep, variants) + _problems(dep, variants)
     return lines
 
 
@@ -124,6 +125,23 @@ def _race_notes(dep, variants) -> list[str]:
         ran = "ran its 40 s to the end" if m.get("join_finished") else "was stopped before its end"
         out.append(f"- race, {v}: `join` {join.get('state')} after {join.get('seconds')} s, {ran}; "
                    f"run {case.get('final', {}).get('race', {}).get('run')}; when the branch decided, {m.get('branch_decided') or 'nothing recorded'}.")
+    return out + [""]
+
+
+def _schedule_tis_notes(dep, variants) -> list[str]:
+    if "schedule_tis" not in dep["cases"]:
+        return []
+    out = []
+    for v in variants:
+        case = dep["variants"][v]["cases"]["schedule_tis"]
+        write = case.get("stale_write", {})
+        ti = case.get("final", {}).get("schedule_tis", {}).get("tis", {}).get("sleeps", {})
+        outcome = f"raised `{write['error'][:200]}`" if write.get("error") else f"returned {write.get('returned')}"
+        stopped = case.get("attempt_logs", {}).get("1", {}).get("told to stop")
+        out.append(f"- schedule_tis, {v}: the stale call on the running `sleeps` (try {case.get('before', {}).get('try_number')}) "
+                   f"{outcome}, the row right after: {write.get('in_transaction', {}).get('state')}; "
+                   f"first attempt {'told to stop by the server' if stopped else 'not stopped'}; `sleeps` started "
+                   f"{len(case.get('starts', []))} time(s), ended {ti.get('state')} with try_number {ti.get('try_number')}.")
     return out + [""]
 
 

@@ -40,7 +40,7 @@ import airflow_venv  # noqa: E402  (tests/airflow: the cached Airflow virtualenv
 
 PROJECT_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "ti-guard").exists() else Path(sys.executable).parent
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-DAG_IDS = ("deploy_timeout", "deploy_rest_marks", "deploy_fail_fast", "deploy_deferrable", "deploy_race")
+DAG_IDS = ("deploy_timeout", "deploy_rest_marks", "deploy_fail_fast", "deploy_deferrable", "deploy_race", "deploy_schedule_tis")
 FINISHED_RUN = ("success", "failed")
 # What counts as a component crashing: a traceback or the scheduler loop's own last words.
 BAD_LOG_LINES = re.compile(r"Traceback \(most recent call last\)|Exception when executing SchedulerJob\._run_scheduler_loop")
@@ -376,6 +376,11 @@ class Deployment:
                 f.seek(offsets.get(name, 0))
                 lines = f.read().decode(errors="replace").splitlines()
             hits = [" | ".join(lines[i:i + 1] + _last_line_of_traceback(lines, i)) for i, line in enumerate(lines) if BAD_LOG_LINES.search(line)]
+            # A worker told by the execution API that its task instance is no longer running/queued
+            # (409 invalid_state) logs a traceback in the scheduler's log (LocalExecutor workers are
+            # its children). That is Airflow stopping a task on purpose (run timeout, a REST mark, a
+            # skip); the guard never moves a state, so it never causes one.
+            hits = [h for h in hits if "'reason': 'invalid_state'" not in h]
             if hits:
                 out[name] = hits[:20]
         return out
@@ -408,7 +413,9 @@ def _last_line_of_traceback(lines, i):
         match = EXCEPTION_LINE.match(line)
         if match and not line.lstrip(" |").startswith(("File ", "raise ", "+")):
             found = match.group(1)
-    return [found[:400]] if found else []
+        elif found and line.startswith("Server error detail:"):
+            found += " " + line.strip()
+    return [found[:600]] if found else []
 
 
 def _error_summary(text: str) -> str:
@@ -556,8 +563,91 @@ def race(dep: Deployment, rid: str, out: dict):
         }
 
 
-CASES = {"timeout": timeout, "rest_marks": rest_marks, "fail_fast": fail_fast, "deferrable": deferrable, "race": race}
-# Hook for later (3.1.8's racy schedule_tis, apache/airflow#60330): add a function above and its name here.
+# The stale scheduler of `schedule_tis`, run with the Airflow venv's python and the deployment's env
+# (AIRFLOW_HOME, sql_alchemy_conn): it reads the DagRun and the TI with an ORM session, attaches the
+# task as the scheduler does (`DBDagBag.get_dag_for_run`, `dag.get_task`), sets the TI's in-memory
+# state to what a stale read saw (NULL, without dirtying the object: nothing else is flushed), calls
+# the real `DagRun.schedule_tis`, reads the row in the same transaction (what the UPDATE left: no other
+# writer can move it while the row lock is held) and commits; then reads the row again on a fresh
+# session (by then the scheduler may have moved it on). Prints one `RESULT {json}` line; an exception
+# (from schedule_tis or the commit) is recorded there, not raised.
+STALE_SCHEDULER = r"""
+import json, sys, traceback
+dag_id, run_id, task_id = sys.argv[1:4]
+out = {}
+try:
+    from sqlalchemy import select
+    from sqlalchemy.orm.attributes import set_committed_value
+    from airflow.models.dagbag import DBDagBag
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance as TI
+    from airflow.utils.session import create_session
+    where = (TI.dag_id == dag_id, TI.run_id == run_id, TI.task_id == task_id, TI.map_index == -1)
+    with create_session() as session:  # commits when the block ends
+        dag_run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
+        ti = session.scalars(select(TI).where(*where)).one()
+        out["read"] = {"state": ti.state, "try_number": ti.try_number}
+        dag_run.dag = DBDagBag().get_dag_for_run(dag_run=dag_run, session=session)
+        ti.task = dag_run.dag.get_task(task_id)
+        set_committed_value(ti, "state", None)
+        out["returned"] = dag_run.schedule_tis([ti], session=session)
+        state, tries = session.execute(select(TI.state, TI.try_number).where(*where)).one()
+        out["in_transaction"] = {"state": state, "try_number": tries}
+    out["committed"] = True
+    with create_session() as session:
+        state, tries = session.execute(select(TI.state, TI.try_number).where(*where)).one()
+        out["after_commit"] = {"state": state, "try_number": tries}
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+    out["traceback"] = traceback.format_exc()[-3000:]
+print("RESULT " + json.dumps(out, default=str), flush=True)
+"""
+
+
+def _stale_schedule(dep: Deployment, dag_id: str, run_id: str, task_id: str) -> dict:
+    started = time.monotonic()
+    try:
+        done = subprocess.run([dep.python, "-c", STALE_SCHEDULER, dag_id, run_id, task_id], env=dep.env, cwd=dep.home,
+                              capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        raise DeploymentError("the stale scheduler's schedule_tis did not finish in 240 s") from None
+    line = next((text for text in reversed(done.stdout.splitlines()) if text.startswith("RESULT ")), None)
+    if line is None:
+        raise DeploymentError(f"the stale scheduler exited {done.returncode} without a result: {(done.stdout + done.stderr)[-2000:]}")
+    return {**json.loads(line[len("RESULT "):]), "rc": done.returncode, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _attempt_logs(dep: Deployment, dag_id: str, run_id: str, task_id: str) -> dict:
+    """attempt number -> whether its task log says the server told it to stop (the 409/404 on a heartbeat)."""
+    out = {}
+    for path in sorted((dep.home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt=*.log")):
+        text = path.read_text(errors="replace")
+        out[path.stem.split("=", 1)[1]] = {"told to stop": "shouldn't be running anymore" in text or "409 Conflict" in text}
+    return out
+
+
+def schedule_tis(dep: Deployment, rid: str, out: dict):
+    """A stale scheduler's `DagRun.schedule_tis` (the real one, from another process) over the running `sleeps`
+    (apache/airflow#60330): before 3.3 its UPDATE has no state check and puts the running TI back to scheduled."""
+    dag_id, task_id = "deploy_schedule_tis", "sleeps"
+    run = out["runs"]["schedule_tis"] = (dag_id, f"{rid}_schedule_tis")
+    starts = dep.markers / f"{run[1]}.{task_id}.starts"
+    dep.trigger(*run)
+    try:
+        dep.wait_tis(*run, "sleeps running and started", lambda s: s.get(task_id) == "running" and starts.exists(), timeout=240)
+        out["before"] = {k: dep.tis(*run)[task_id][k] for k in ("state", "try_number")}
+        out["stale_write"] = _stale_schedule(dep, *run, task_id)
+        say(f"{dep.tag}   stale schedule_tis on running {task_id} ({run[1]}): "
+            + json.dumps({k: v for k, v in out["stale_write"].items() if k != "traceback"}))
+        out["watch"] = _watch(dep, *run)
+        dep.wait_tis(*run, f"{task_id} to finish", lambda s: s.get(task_id) not in ACTIVE, timeout=120)
+    finally:
+        out["starts"] = starts.read_text().splitlines() if starts.exists() else []
+        out["attempt_logs"] = _attempt_logs(dep, *run, task_id)
+
+
+CASES = {"timeout": timeout, "rest_marks": rest_marks, "fail_fast": fail_fast, "deferrable": deferrable, "race": race,
+         "schedule_tis": schedule_tis}
 
 
 # == One deployment, all its variants =========================================================

@@ -77,7 +77,8 @@ EXPECTED = {
 }
 # schedule_tis (apache/airflow#60330), per (version, backend, variant, "schedule_tis"), most specific
 # entry wins as in EXPECTED: what the stale scheduler's real `DagRun.schedule_tis` call returned (its
-# count of rows) and raised, the TI's state read right after its commit, and at the end the TI's state,
+# count of rows) and raised, the TI's state read right after its UPDATE (in its transaction, before the
+# commit, so the real scheduler cannot have moved it on yet), and at the end the TI's state,
 # try_number, how many times the task started, and whether the first attempt's log says the server
 # told it to stop (a heartbeat answered 409 because the row was no longer running).
 _NOT_OVERWRITTEN = {"returned": 1, "error": None, "state right after": "running", "final state": "success",
@@ -313,7 +314,7 @@ def test_schedule_tis_stale_write(dep, variant, case):
     write = out.get("stale_write", {})
     ti = out.get("final", {}).get("schedule_tis", {}).get("tis", {}).get("sleeps", {})
     observed = {"returned": write.get("returned"), "error": write.get("error"),
-                "state right after": write.get("right_after", {}).get("state"), "final state": ti.get("state"),
+                "state right after": write.get("in_transaction", {}).get("state"), "final state": ti.get("state"),
                 "try_number": ti.get("try_number"), "starts": len(out.get("starts", [])),
                 "first attempt told to stop": out.get("attempt_logs", {}).get("1", {}).get("told to stop")}
     _, expected = expected_for(dep["version"], dep["backend"], variant, case, table=STALE_SCHEDULE)

@@ -99,3 +99,13 @@ with _dag("deploy_race"):
     other = BashOperator(task_id="other", bash_command="true")
     fast >> join
     branch >> [join, other]
+
+
+# 6. A stale scheduler's `DagRun.schedule_tis` over a running task (apache/airflow#60330): the case
+#    calls the real schedule_tis from outside while `sleeps` runs. Every start of the task appends a
+#    line (its try_number) to `<run_id>.sleeps.starts`, so the case counts how often it ran.
+with _dag("deploy_schedule_tis"):
+    BashOperator(
+        task_id="sleeps",
+        bash_command=f"echo \"try {{{{ ti.try_number }}}} $(date -u +%T)\" >> '{MARKERS}/{{{{ run_id }}}}.sleeps.starts' && sleep 30",
+    )
