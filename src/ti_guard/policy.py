@@ -1,7 +1,7 @@
 """The guard's policy as data: which writes to task_instance.state are refused, and how.
 
 One table of rules, read by every renderer (render/<backend>.py turns each rule into that
-backend's SQL) and by the README's policy table (`python -m ti_guard.policy_table`). A rule
+backend's SQL) and by the README's policy tables (`python -m ti_guard.policy_doc --readme`). A rule
 says which write it stops (new state, old states), what tells that write apart from Airflow's
 deliberate writes of the same transition (its *signature*: a fact about the statement that a
 backend can or cannot see), whether `raise` mode may fail the statement for it, and which
@@ -80,8 +80,8 @@ class Rule:
     # The columns its writers write: what a kept row gets back where the backend cannot simply
     # keep the old row (MySQL sets NEW.c = OLD.c; each such column costs every updated row).
     writes: tuple[str, ...]
-    # Airflow generations whose writers the signature tells apart (Airflow 2's own finish is an
-    # ORM write like set_state: the second rule cannot tell it from a decided skip there).
+    # Airflow generations (told by the table's columns) the rule is installed for: set_state_skip
+    # waits for a run on a real 2.x deployment before it guards Airflow 2 tables.
     airflow: tuple[int, ...] = (2, 3)
     # Old states a deliberate Airflow 2 writer moves with the same signature: left out on 2.x tables.
     spared_on_airflow_2: tuple[str, ...] = ()

@@ -30,15 +30,16 @@ def markdown() -> str:
     lines = [
         "Rules (`src/ti_guard/policy.py`; each backend's SQL in `src/ti_guard/render/<backend>.py`):",
         "",
-        "| rule | transition | told apart by | raise mode | Airflow tables | enforced on |",
-        "|---|---|---|---|---|---|",
+        "| rule | transition | why | told apart by | raise mode | Airflow tables | enforced on |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in RULES:
         olds = "protected states (default running, success, failed)" if r.old_states is None else ", ".join(r.old_states)
         on = ", ".join(NAMES[b] for b in SUPPORTED if r.signature in sees(b))
         gens = ", ".join(f"{g}.x" for g in r.airflow)
         raises = "raises" if r.may_raise else "never raises: kept"
-        lines.append(f"| `{r.name}` | {olds} -> {r.new_state} | the statement {SIGNATURES[r.signature]} | {raises} | {gens} | {on} |")
+        spared = f" (2.x tables: not {', '.join(r.spared_on_airflow_2)})" if r.spared_on_airflow_2 else ""
+        lines.append(f"| `{r.name}` | {olds}{spared} -> {r.new_state} | {r.why} | the statement {SIGNATURES[r.signature]} | {raises} | {gens} | {on} |")
     lines += [
         "",
         "Every Airflow writer of those transitions (read from the 3.3.2, 3.1.8 and 2.11.2/2.10.5 sources):",
