@@ -376,11 +376,13 @@ class Deployment:
                 f.seek(offsets.get(name, 0))
                 lines = f.read().decode(errors="replace").splitlines()
             hits = [" | ".join(lines[i:i + 1] + _last_line_of_traceback(lines, i)) for i, line in enumerate(lines) if BAD_LOG_LINES.search(line)]
-            # A worker told by the execution API that its task instance is no longer running/queued
-            # (409 invalid_state) logs a traceback in the scheduler's log (LocalExecutor workers are
-            # its children). That is Airflow stopping a task on purpose (run timeout, a REST mark, a
-            # skip); the guard never moves a state, so it never causes one.
-            hits = [h for h in hits if "'reason': 'invalid_state'" not in h]
+            # A worker whose execution API call was answered with an error logs a traceback in the
+            # scheduler's log (LocalExecutor workers are its children): a 409 when Airflow stopped its
+            # task on purpose (run timeout, a REST mark, a skip; the guard never moves a state, so
+            # it never causes one). An error the server itself hit is a traceback in the API
+            # server's log, which is checked.
+            hits = [h for h in hits if not (name == "scheduler" and h.endswith("ServerResponseError: Server returned error")
+                                            or "'reason': 'invalid_state'" in h)]
             if hits:
                 out[name] = hits[:20]
         return out
