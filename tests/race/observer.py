@@ -1,9 +1,10 @@
 """An observer of task_instance that does not rely on the guard: an AFTER UPDATE trigger and a log table.
 
 The trigger runs in the writer's own transaction, so only committed writes stay in the log;
-it records every change of state, and every row the skip writer's statement touched even when
-the state did not change (MySQL ignore mode rewrites the row as it was). Each connection
-tags itself (`tag`) so that the log tells the skip writer from the workers.
+it records every change of state, and every row a racy writer's statement (the skip writer's
+or the schedule writer's) touched even when the state did not change (a row the guard keeps is
+rewritten as it was: MySQL sets NEW to OLD, PostgreSQL returns OLD). Each connection tags
+itself (`tag`) so that the log tells the racy writers from the workers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from ti_guard.render import dialect_name
 LOG = "race_observed"
 TRIGGER = "race_observer"
 SKIP_WRITER = "skip"
+SCHEDULE_WRITER = "schedule"
 WORKER = "worker"
+# Writers whose every touched row is logged, changed or not.
+RACY_WRITERS = (SKIP_WRITER, SCHEDULE_WRITER)
+_RACY = ", ".join(f"'{w}'" for w in RACY_WRITERS)
 
 
 def log_table(metadata: sa.MetaData) -> sa.Table:
@@ -44,14 +49,14 @@ def _sql(dialect: str, table: str, log: str, fn: str, trigger: str) -> list[str]
             f"BEGIN\n    INSERT INTO {log} (run_id, task_id, old_state, new_state, start_date_written, writer)\n"
             f"    VALUES ({row});\n    RETURN NULL;\nEND\n$race$",
             f"CREATE TRIGGER {trigger} AFTER UPDATE ON {table} FOR EACH ROW\n"
-            f"    WHEN (OLD.state IS DISTINCT FROM NEW.state OR current_setting('race.writer', true) = '{SKIP_WRITER}')\n"
+            f"    WHEN (OLD.state IS DISTINCT FROM NEW.state OR current_setting('race.writer', true) IN ({_RACY}))\n"
             f"    EXECUTE FUNCTION {fn}()",
         ]
     if dialect == "mysql":
         row = values.format(written="NOT (OLD.start_date <=> NEW.start_date)", writer="@race_writer")
         return [
             f"CREATE TRIGGER {trigger} AFTER UPDATE ON {table} FOR EACH ROW\n"
-            f"BEGIN\n    IF NOT (OLD.state <=> NEW.state) OR @race_writer = '{SKIP_WRITER}' THEN\n"
+            f"BEGIN\n    IF NOT (OLD.state <=> NEW.state) OR @race_writer IN ({_RACY}) THEN\n"
             f"        INSERT INTO {log} (run_id, task_id, old_state, new_state, start_date_written, writer)\n"
             f"        VALUES ({row});\n    END IF;\nEND"
         ]
@@ -95,3 +100,22 @@ def transitions(conn: sa.Connection) -> dict[tuple, int]:
         .group_by(log.c.writer, log.c.old_state, log.c.new_state, log.c.start_date_written)
     ).all()
     return {(w, o, n, bool(s)): c for w, o, n, s, c in rows}
+
+
+def left_running(conn: sa.Connection) -> dict[tuple[str, str], list[str]]:
+    """(run_id, task_id) -> the writers of its committed transitions out of running.
+
+    A task instance enters running once (the worker's start, from queued; nothing queues a
+    run's TIs twice), so each list should hold one writer: the worker when the task finished
+    itself, a racy writer when it took the row from a running task.
+    """
+    log = log_table(sa.MetaData())
+    rows = conn.execute(
+        sa.select(log.c.run_id, log.c.task_id, log.c.writer)
+        .where(log.c.old_state == "running", sa.or_(log.c.new_state.is_(None), log.c.new_state != "running"))
+        .order_by(log.c.id)
+    ).all()
+    out: dict[tuple[str, str], list[str]] = {}
+    for run_id, task_id, writer in rows:
+        out.setdefault((run_id, task_id), []).append(writer)
+    return out

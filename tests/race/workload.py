@@ -1,20 +1,36 @@
-"""Workers and branch operators writing one Airflow-shaped task_instance at the same time.
+"""Workers, branch operators and a stale scheduler writing one Airflow-shaped task_instance at once.
 
 A worker takes a dag run whose task instances the scheduler has scheduled, queues them in
-one bulk UPDATE, then moves each one queued -> running -> (heartbeats) -> success, failed or
-skipped by itself, the steps of the run's task instances interleaved at random. At random
-steps of each run (`races_per_run` of them) it hands the run to its branch operator, which at
-once fires the pre-fix skip UPDATE (`airflow_writes.racy_skip`) at 2 or more task instances
-of that run while the worker keeps going: one race per hand-over.
+one bulk UPDATE, then moves each one queued -> running -> (heartbeats) -> success, failed,
+skipped by itself, up_for_retry or up_for_reschedule (a sensor in reschedule mode; nothing
+runs those again here), the steps of the run's task instances interleaved at random. Two racy
+writers get the run handed over at random steps and fire at once while the worker keeps
+going: one race per hand-over. Each worker has one racer thread that serves both, each writer
+on a connection of its own; one thread keeps a worker's skip and schedule from locking the
+same run's rows in opposite orders (a deadlock, which PostgreSQL only breaks after
+deadlock_timeout, a second in which that worker's hand-overs wait).
+
+- the skip writer (a branch operator): the pre-fix skip UPDATE (`airflow_writes.racy_skip`)
+  at 2 or more task instances of the run, `races_per_run` times per run (apache/airflow#63266);
+- the schedule writer (a second scheduler, or the same one a loop later, acting on a stale
+  read of the run in which its task instances were not yet scheduled): the pre-3.3
+  `DagRun.schedule_tis` (`airflow_writes.schedule_tis`, no check of the current state) at 1-3
+  task instances of the run, `schedule_races_per_run` times per run (apache/airflow#60330).
+  Rows it finds up_for_retry or up_for_reschedule are the ones its read was right about:
+  scheduled legitimately (NULL would be too; this workload has none left).
 
 Workers check the state the way Airflow's execution API does before it writes (`ti_run`
 answers 409 unless the TI is queued, `ti_heartbeat` and `ti_update_state` unless it is
 running), here as a condition on their UPDATE; a 409 on a running TI is the seed report's
-"task killed mid-execution".
+"task killed mid-execution". The worker then reads the row's state, the `current_state` of
+the 409, and keeps the task instance's key so that the harness can name the writer that took
+the row from it (tests/race/observer.py logs every committed write with its writer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import queue
 import random
 import threading
@@ -41,11 +57,18 @@ class Plan:
     races: int
     tasks_per_run: int = 4
     races_per_run: int = 4
-    # Each worker has a branch operator of its own, so a run it hands over is skipped at once.
+    # Stale schedule_tis per run, each at 1..schedule_targets of the run's task instances.
+    schedule_races_per_run: int = 1
+    schedule_targets: int = 3
+    # Each worker has a branch operator and a stale scheduler of its own (one thread, two
+    # connections), so a run it hands over is written at once.
     workers: int = 6
     heartbeats: int = 1
     self_skip: float = 0.15
     fail: float = 0.10
+    # Attempts that end waiting for the scheduler: rows schedule_tis is meant for.
+    retry: float = 0.10
+    reschedule: float = 0.05
     seed: int = 63266
 
     @property
@@ -54,6 +77,10 @@ class Plan:
 
     def races_of(self, run_number: int) -> int:
         return min(self.races_per_run, self.races - run_number * self.races_per_run)
+
+    @property
+    def schedule_races(self) -> int:
+        return self.runs * self.schedule_races_per_run
 
 
 def run_ids(plan: Plan) -> list[str]:
@@ -89,12 +116,16 @@ def classify(exc: sa.exc.DBAPIError) -> str:
     return "error"
 
 
-def execute(conn: sa.Connection, run, counts: Counter, role: str):
-    """run(conn) in a transaction of its own; its rowcount, or the verdict when the server refused it."""
+def execute(conn: sa.Connection, run, counts: Counter, role: str, on_miss=None):
+    """run(conn) in a transaction of its own; its rowcount, or the verdict when the server refused it.
+    on_miss(conn), if given, runs in the same transaction when no row matched."""
     while True:
         try:
             with conn.begin():
-                return run(conn).rowcount
+                rowcount = run(conn).rowcount
+                if rowcount == 0 and on_miss is not None:
+                    on_miss(conn)
+                return rowcount
         except sa.exc.DBAPIError as exc:
             verdict = classify(exc)
             if verdict != "retry":
@@ -142,7 +173,7 @@ def worker_writes(dialect, table: sa.Table) -> dict[str, Prepared]:
         "heartbeat": Prepared(dialect, aw.heartbeat(table, key, _WHEN).where(state == "running"), **stand_ins),
         **{
             f"finish {outcome}": Prepared(dialect, aw.finish(table, key, outcome, _WHEN).where(state == "running"), **stand_ins)
-            for outcome in ("success", "failed", "skipped")
+            for outcome in OUTCOMES
         },
     }
 
@@ -155,6 +186,24 @@ def skip_writes(dialect, table: sa.Table, plan: Plan) -> dict[int, Prepared]:
         statement = aw.racy_skip(table, DAG_ID, _RUN, [(t, -1) for t in tasks.values()], _WHEN)
         skips[n] = Prepared(dialect, statement, run_id=_RUN, when=_WHEN, **tasks)
     return skips
+
+
+def stale_schedules(dialect, table: sa.Table, plan: Plan) -> dict[int, Prepared]:
+    """The pre-3.3 schedule_tis over n task instances of a run, for every n the stale scheduler may pick.
+    Airflow names the rows by id; here by key, as the skip does (no guard rule reads the WHERE)."""
+    schedules = {}
+    for n in range(1, min(plan.schedule_targets, plan.tasks_per_run) + 1):
+        tasks = {f"task{i}": f"\x00task{i}" for i in range(n)}
+        where = sa.and_(
+            table.c.dag_id == DAG_ID, table.c.run_id == _RUN,
+            sa.tuple_(table.c.task_id, table.c.map_index).in_([(t, -1) for t in tasks.values()]),
+        )
+        schedules[n] = Prepared(dialect, aw.schedule_tis(table, where, _WHEN), run_id=_RUN, when=_WHEN, **tasks)
+    return schedules
+
+
+# The states schedule_tis is meant for: 3.3 adds exactly this check to its WHERE.
+SCHEDULABLE = (None, "up_for_retry", "up_for_reschedule")
 
 
 def queue_run(table: sa.Table, run_id, when):
@@ -179,20 +228,54 @@ def _steps(plan: Plan, rng: random.Random):
     return order
 
 
+OUTCOMES = ("success", "failed", "skipped", "up_for_retry", "up_for_reschedule")
+
+
 def _outcome(plan: Plan, rng: random.Random) -> str:
     x = rng.random()
-    return "skipped" if x < plan.self_skip else "failed" if x < plan.self_skip + plan.fail else "success"
+    for outcome, p in (("skipped", plan.self_skip), ("failed", plan.fail), ("up_for_retry", plan.retry), ("up_for_reschedule", plan.reschedule)):
+        if x < p:
+            return outcome
+        x -= p
+    return "success"
+
+
+@dataclass(frozen=True)
+class Racer:
+    """One racy writer: its observer tag, the word its counts use, the fewest task instances it targets."""
+
+    tag: str
+    noun: str  # "skip" -> counts "skip races", "rows targeted by committed skips", ...
+    fewest: int
+    seed_offset: int
+
+    def key(self, what: str) -> str:
+        return f"{self.noun} {what}"
+
+
+SKIP = Racer(observer.SKIP_WRITER, "skip", 2, 500)
+SCHEDULE = Racer(observer.SCHEDULE_WRITER, "schedule", 1, 700)
 
 
 class Race:
-    """One variant's run of the workload; counts what each side saw."""
+    """One variant's run of the workload; counts what each side saw.
+
+    `killed` lists the key (run_id, task_id) of every task instance whose worker met a 409 on
+    a heartbeat or a finish.
+    """
 
     def __init__(self, engine: sa.Engine, table: sa.Table, plan: Plan):
         self.engine, self.table, self.plan = engine, table, plan
         self.runs = iter(enumerate(run_ids(plan)))
         self.runs_lock = threading.Lock()
         self.counts: list[Counter] = []
+        self.killed: list[tuple[str, str]] = []
         self.writes = worker_writes(engine.dialect, table)
+        self.statements = {
+            SKIP: skip_writes(engine.dialect, table, plan),
+            SCHEDULE: stale_schedules(engine.dialect, table, plan),
+        }
+        self.most = {SKIP: plan.tasks_per_run, SCHEDULE: min(plan.schedule_targets, plan.tasks_per_run)}
 
     def _next_run(self):
         with self.runs_lock:
@@ -203,8 +286,16 @@ class Race:
         observer.tag(conn, writer)
         return conn
 
+    def _note_current_state(self, counts: Counter, run_id: str, task: str, conn: sa.Connection) -> None:
+        """What the worker's 409 reports as current_state, read in the failed write's transaction."""
+        state = conn.execute(sa.select(self.table.c.state).where(aw.key_of(self.table, DAG_ID, task, run_id))).scalar()
+        counts[f"409 current_state={state}"] += 1
+
     def worker(self, number: int, handoff: queue.Queue) -> None:
         rng = random.Random(self.plan.seed * 1000 + number)
+        # The schedule writer's moments come from a generator of their own, so that the skip
+        # writer's moments and the runs' outcomes are those of the skip-only workload.
+        schedule_rng = random.Random(self.plan.seed * 1000 + 250 + number)
         counts = Counter()
         self.counts.append(counts)
         w = self.writes
@@ -214,13 +305,17 @@ class Race:
                 if run_id is None:
                     return
                 steps = [("*", "queue")] + _steps(self.plan, rng)
-                # The moments this run's branch operators fire: before step i (len(steps): after the last).
-                releases = Counter(rng.randint(0, len(steps)) for _ in range(self.plan.races_of(run_number)))
+                # The moments each racy writer fires: before step i (len(steps): after the last).
+                releases = {
+                    SKIP: Counter(rng.randint(0, len(steps)) for _ in range(self.plan.races_of(run_number))),
+                    SCHEDULE: Counter(schedule_rng.randint(0, len(steps)) for _ in range(self.plan.schedule_races_per_run)),
+                }
                 outcome = {task: _outcome(self.plan, rng) for task in task_ids(self.plan)}
                 dead = set()
                 for i, (task, step) in enumerate(steps):
-                    for _ in range(releases[i]):
-                        handoff.put((run_id, time.perf_counter()))
+                    for racer, moments in releases.items():
+                        for _ in range(moments[i]):
+                            handoff.put((racer, run_id, time.perf_counter()))
                     if task in dead:
                         continue
                     when = aw.now()
@@ -228,51 +323,59 @@ class Race:
                         execute(conn, w["queue"](run_id=run_id, when=when), counts, "scheduler")
                     elif step == "start":
                         if execute(conn, w["start"](run_id=run_id, task_id=task, when=when), counts, "worker") != 1:
-                            counts["TIs skipped before they started (409 on ti_run)"] += 1
+                            counts["TIs taken before they started (409 on ti_run)"] += 1
                             dead.add(task)
                     else:
                         write = w["heartbeat"] if step == "heartbeat" else w[f"finish {outcome[task]}"]
-                        if execute(conn, write(run_id=run_id, task_id=task, when=when), counts, "worker") != 1:
+                        miss = functools.partial(self._note_current_state, counts, run_id, task)
+                        if execute(conn, write(run_id=run_id, task_id=task, when=when), counts, "worker", on_miss=miss) != 1:
                             counts["running TIs killed (409 on heartbeat/finish)"] += 1
+                            self.killed.append((run_id, task))
                             dead.add(task)
                         elif step == "finish":
                             counts[f"finished {outcome[task]}"] += 1
-                for _ in range(releases[len(steps)]):
-                    handoff.put((run_id, time.perf_counter()))
+                for racer, moments in releases.items():
+                    for _ in range(moments[len(steps)]):
+                        handoff.put((racer, run_id, time.perf_counter()))
 
-    def branch(self, number: int, handoff: queue.Queue) -> None:
-        rng = random.Random(self.plan.seed * 1000 + 500 + number)
+    def racers(self, number: int, handoff: queue.Queue) -> None:
+        """A worker's racy writers: each fires its statement at the run it is handed, at once."""
+        rngs = {r: random.Random(self.plan.seed * 1000 + r.seed_offset + number) for r in self.statements}
         counts = Counter()
         self.counts.append(counts)
         tasks = task_ids(self.plan)
-        skips = skip_writes(self.engine.dialect, self.table, self.plan)
-        with self._connect(observer.SKIP_WRITER) as conn:
+        with contextlib.ExitStack() as stack:
+            conns = {r: stack.enter_context(self._connect(r.tag)) for r in self.statements}
             while (handed := handoff.get()) is not None:
-                run_id, at = handed
+                racer, run_id, at = handed
                 lag = time.perf_counter() - at
-                counts["handoff lag total (s)"] += lag
-                counts["handoff lag max (s)"] = max(counts["handoff lag max (s)"], lag)
-                targets = rng.sample(tasks, rng.randint(2, len(tasks)))
+                counts[racer.key("handoff lag total (s)")] += lag
+                counts[racer.key("handoff lag max (s)")] = max(counts[racer.key("handoff lag max (s)")], lag)
+                rng = rngs[racer]
+                targets = rng.sample(tasks, rng.randint(racer.fewest, self.most[racer]))
                 named = {f"task{i}": t for i, t in enumerate(targets)}
-                verdict = execute(conn, skips[len(targets)](run_id=run_id, when=aw.now(), **named), counts, "skip")
-                counts["races"] += 1
+                verdict = execute(conns[racer], self.statements[racer][len(targets)](run_id=run_id, when=aw.now(), **named), counts, racer.noun)
+                counts[racer.key("races")] += 1
                 if verdict == "refused":
-                    counts["rows in refused skips"] += len(targets)
+                    counts[f"rows in refused {racer.noun}s"] += len(targets)
                 elif verdict != "error":
-                    counts["races committed"] += 1
-                    counts["rows targeted by committed skips"] += len(targets)
+                    counts[racer.key("races committed")] += 1
+                    counts[f"rows targeted by committed {racer.noun}s"] += len(targets)
+                    if verdict != len(targets):
+                        # Every targeted row exists: a guard that keeps a row must still count it.
+                        counts[racer.key(f"error: rowcount {verdict} for {len(targets)} rows")] += 1
 
     def run(self) -> tuple[Counter, float]:
         started = time.perf_counter()
         handoffs = [queue.Queue() for _ in range(self.plan.workers)]
         workers = [threading.Thread(target=self.worker, args=(i, q)) for i, q in enumerate(handoffs)]
-        branches = [threading.Thread(target=self.branch, args=(i, q)) for i, q in enumerate(handoffs)]
-        for thread in workers + branches:
+        racers = [threading.Thread(target=self.racers, args=(i, q)) for i, q in enumerate(handoffs)]
+        for thread in workers + racers:
             thread.start()
         for thread, handoff in zip(workers, handoffs):
             thread.join()
             handoff.put(None)
-        for thread in branches:
+        for thread in racers:
             thread.join()
         total = Counter()
         for c in self.counts:
