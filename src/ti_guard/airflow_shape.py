@@ -104,5 +104,5 @@ def task_instance_table(metadata: sa.MetaData, shape: str = "3.x", schema=None, 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-# The column list MySQL ignore mode restores when no database is at hand (offline SQL).
+# The columns the renderers assume when no database is at hand (offline SQL for a DBA): Airflow 3's.
 AIRFLOW_3_COLUMNS = tuple(c.name for c in _3x_columns())

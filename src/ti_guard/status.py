@@ -49,7 +49,8 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if not recorded:
         report.worse(WARNING, "the settings record ti_guard_settings is missing: run ti-guard install")
     objects = expected(conn, policy, columns)
-    stale = [name for name in installed if name not in {o.name for o in objects}]
+    wanted = {o.name for o in objects}
+    stale = [name for name in installed if name not in wanted]
     earlier = _earlier_guard_intact(recorded, installed, objects)
     for obj in objects:
         have = installed.get(obj.name)
