@@ -66,6 +66,7 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
     # the cheapest form of the test measured (an introducer such as _binary'skipped' counts the
     # same but MySQL drops it from the body it shows, so the guard could not recognise itself).
     new_state, old_state = "CAST(NEW.state AS BINARY)", "CAST(OLD.state AS BINARY)"
+
     def keep(rule) -> str:
         # Only the rule's writers' columns: assigning NEW.c makes MariaDB treat c as written by
         # every UPDATE that enters the trigger, taken or not (benchmarks/NOTES.md).
@@ -94,11 +95,11 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             for rule, olds, raises in rules if rule.new_state == target
         )
 
-    per_target = [_nested([f"{new_state} = {q.literal(t)}"], rules_for(t), 0) for t in targets]
     if len(targets) == 1:
         guard = _nested([f"{new_state} = {q.literal(targets[0])}"], rules_for(targets[0]), 1)
     else:
-        guard = _nested([f"{new_state} IN ({q.in_list(targets)})"], "\n".join(per_target), 1)
+        per_target = "\n".join(_nested([f"{new_state} = {q.literal(t)}"], rules_for(t), 0) for t in targets)
+        guard = _nested([f"{new_state} IN ({q.in_list(targets)})"], per_target, 1)
     body = f"BEGIN\n{guard}\nEND"
     tail = f"BEFORE UPDATE ON {q.table} FOR EACH ROW\n{body}"
     name = f"ti_guard_guard_{short_hash(tail)}"
