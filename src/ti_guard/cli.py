@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from importlib import resources
 
 from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from . import config as config_mod
 from .errors import GuardError, explain
+from .revisions import alembic_config
 
 EXIT_ERROR = 2
-
-
-def alembic_config(settings, dialect=None, stdout=None) -> Config:
-    """The same revisions `alembic` runs from the repository, shipped inside the package."""
-    cfg = Config(stdout=stdout or sys.stdout)
-    cfg.set_main_option("script_location", str(resources.files("ti_guard.migrations")))
-    cfg.attributes["ti_guard_settings"] = settings
-    cfg.attributes["ti_guard_dialect"] = dialect
-    return cfg
-
-
-def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config(None)).get_current_head()
 
 
 def _settings(args, need_url=True):
