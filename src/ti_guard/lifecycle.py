@@ -86,6 +86,19 @@ def status(settings) -> Report:
         engine.dispose()
 
 
+def report(settings, since):
+    """The record of refusals over `since`, with the guard's status (whose code report exits with)."""
+    from .report import gather
+
+    engine = make_engine(settings.url)
+    try:
+        with engine.connect() as conn:
+            found = check(conn, settings.policy, head_revision())
+            return gather(conn, found.policy or settings.policy, since, found)
+    finally:
+        engine.dispose()
+
+
 def _recorded(conn, policy: Policy) -> Policy | None:
     row = catalog.read_settings(conn, policy)
     if row is None:
