@@ -77,8 +77,8 @@ def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObj
     objects = expected(conn, policy, catalog.table_columns(conn, policy))
     installed = catalog.read(conn, policy)
     orphaned = {name for name, _ in catalog.missing_definers(conn, installed.values()) or ()}
-    # The record before the triggers that write it: on MySQL and SQLite a trigger whose table is
-    # missing fails every statement that fires it.
+    # The record before the triggers that write it: on SQLite a trigger whose table is missing
+    # fails every statement that fires it.
     steps = _record_steps(conn, policy)
     for obj in objects:
         have = installed.get(obj.name)
