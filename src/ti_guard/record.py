@@ -88,6 +88,33 @@ def fill(details: sa.Table) -> sa.Insert:
     return details.insert().from_select(["slot"], rows)
 
 
+def create_statements(dialect: sa.engine.Dialect, policy: Policy, only: sa.Table | None = None) -> list[str]:
+    """The record's DDL and the ring's fill, compiled for `dialect`: all of it, or one table's."""
+    def compiled(clause) -> str:
+        return str(clause.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).strip()
+
+    out = []
+    if dialect_name(dialect.name) == "postgresql" and only is None:
+        out.append(compiled(sa.schema.CreateSequence(sequence(policy))))
+    for table in tables(policy):
+        if only is None or table.name == only.name:
+            out.append(compiled(sa.schema.CreateTable(table)))
+            out += [compiled(sa.schema.CreateIndex(index)) for index in table.indexes]
+            if table.name == RECORD_TABLE:
+                out.append(compiled(fill(table)))
+    return out
+
+
+def drop_statements(dialect: sa.engine.Dialect, policy: Policy) -> list[str]:
+    def compiled(clause) -> str:
+        return str(clause.compile(dialect=dialect)).strip()
+
+    out = [compiled(sa.schema.DropTable(table, if_exists=True)) for table in tables(policy)]
+    if dialect_name(dialect.name) == "postgresql":
+        out.append(compiled(sa.schema.DropSequence(sequence(policy), if_exists=True)))
+    return out
+
+
 @dataclass(frozen=True)
 class Finding:
     line: str
