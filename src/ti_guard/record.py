@@ -29,7 +29,7 @@ from . import catalog
 from .policy import COUNTS_TABLE, RECORD_ROWS, RECORD_SEQUENCE, RECORD_TABLE, Policy
 from .render import dialect_name
 
-# Wide enough for Airflow's ids (ID_LEN = 250) and MySQL's USER() (user@host).
+# Airflow's ids are at most 250 characters (ID_LEN).
 _ID = 250
 _WHEN = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
@@ -52,7 +52,7 @@ def tables(policy: Policy) -> tuple[sa.Table, sa.Table]:
         sa.Column("task_id", sa.String(_ID)),
         sa.Column("run_id", sa.String(_ID)),
         sa.Column("map_index", sa.Integer),
-        sa.Column("writer_user", sa.String(_ID)),
+        sa.Column("writer_user", sa.String(300)),  # MySQL USER(): 32 + 1 + 255
         sa.Column("writer_application", sa.String(_ID)),
         sa.Column("writer_address", sa.String(64)),
         sa.Column("writer_pid", sa.BigInteger),
