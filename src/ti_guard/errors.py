@@ -15,6 +15,13 @@ class LockTimeout(GuardError):
     pass
 
 
+# MySQL 8+ turns binary logging on by default (MariaDB does not): CREATE TRIGGER then needs SUPER
+# or this variable. SET GLOBAL lasts until the server restarts; the config file (or MySQL's SET PERSIST) keeps it.
+BINLOG_ADVICE = (
+    "as an administrator run SET GLOBAL log_bin_trust_function_creators = 1 (and set it in the server's"
+    " config file, or SET PERSIST on MySQL, to keep it), or install as an account with SUPER"
+)
+
 # PostgreSQL SQLSTATEs and MySQL/MariaDB error numbers we explain.
 _PG_HINTS = {
     "55P03": "could not lock {table} within the lock timeout: a long transaction holds it; retry later or raise --lock-timeout",
@@ -30,7 +37,7 @@ _MYSQL_HINTS = {
     1044: "the database user lacks a privilege: {detail}; grant TRIGGER on the table (and CREATE for the settings table)",
     1142: "the database user lacks a privilege: {detail}; grant TRIGGER on the table (and CREATE for the settings table)",
     1227: "the database user lacks a privilege: {detail}; the user needs TRIGGER (and SUPER or log_bin_trust_function_creators=1 when binary logging is on)",
-    1419: "binary logging is on and the user has no SUPER: {detail}; set log_bin_trust_function_creators=1 or install as an administrator",
+    1419: "binary logging is on and the user has no SUPER, so it cannot create triggers (error 1419); " + BINLOG_ADVICE,
     1045: "access denied: {detail}; check the user and password in the URL",
     1049: "the database does not exist: {detail}; check the database name in the URL",
     2003: "cannot reach the MySQL server: {detail}; check host and port in the URL and that the server runs",
