@@ -251,7 +251,7 @@ def _mysql_definers(p: Probe) -> None:
     if "PROCESS" in grants.server:
         p.report.say(OK, "definer", f"the guard's triggers will be defined by {grants.account}, which has PROCESS (the bypass reads INNODB_TRX)")
     else:
-        p.report.say(WARNING, "definer", f"the guard's triggers will be defined by {grants.account}, which lacks PROCESS: the documented bypass cannot read INNODB_TRX (grant PROCESS, or install as another account)")
+        p.report.say(WARNING, "definer", f"the guard's triggers will be defined by {grants.account}, which lacks PROCESS: a repair under the bypass then fails with error 1227 inside the trigger (it reads INNODB_TRX as its DEFINER); GRANT PROCESS ON *.* to {grants.account}, or install as another account")
     if p.columns is None:
         return
     triggers = [
