@@ -54,7 +54,7 @@ def combos(request):
 
 def _run_all():
     admin_urls = {}
-    for backend, url in (("postgresql", main_conftest.PG_URL), ("mysql", main_conftest.MYSQL_URL)):
+    for backend, url in main_conftest.SERVER_URLS.items():
         main_conftest._admin(url).dispose()  # an unreachable server fails here, never a skip
         admin_urls[backend] = url
     with ThreadPoolExecutor() as pool:  # one install per version, before the combos that share it
