@@ -168,7 +168,7 @@ def render(data) -> str:
         "metadata database; DAG runs triggered and driven through the public REST API. Each deployment was started once and ran "
         "the variants in turn: `none` (`ti-guard uninstall`), then `raise` and `ignore` (`ti-guard install --mode ...`), the "
         "cases of a variant concurrently. Final states as stored in the database; **bold**: differs from `none` on the same "
-        "deployment; verdict: what `test_deploy.py`'s EXPECTED table says (MariaDB stands in for MySQL 8).",
+        "deployment; verdict: what `test_deploy.py`'s EXPECTED table says.",
         "",
     ]
     for dep in deps:
