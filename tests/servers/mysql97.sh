@@ -66,7 +66,7 @@ start() {
   if running_pid >/dev/null && ping_server; then
     say "already running (pid $(running_pid)) on 127.0.0.1:$PORT"; return 0
   fi
-  if ping_server; then say "something else answers on 127.0.0.1:$PORT"; exit 1; fi
+  if ping_server; then say "a server not started here already answers on 127.0.0.1:$PORT as root: using it ($0 stop will not stop it)"; return 0; fi
   build_chroot
   local started=$SECONDS
   mkdir -p "$ROOT/run/mysqld" "$ROOT/tmp" "$ROOT/var/lib/mysql-files"  # the last: its default secure_file_priv
