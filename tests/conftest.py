@@ -39,6 +39,8 @@ MYSQL_SERVERS = ("mysql", "mysql9")
 def dialect_of(server: str) -> str:
     """The SQLAlchemy dialect behind a backend id: MariaDB and MySQL are both `mysql`."""
     return "mysql" if server in MYSQL_SERVERS else server
+
+
 SESSION = f"ti_guard_t{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
 
