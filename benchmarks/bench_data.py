@@ -34,7 +34,9 @@ CHUNK = 100_000
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 DEFAULT_URLS = {
     "postgresql": os.environ.get("TI_GUARD_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-    "mysql": os.environ.get("TI_GUARD_BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
+    "mysql": os.environ.get("TI_GUARD_BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),  # MariaDB
+    # Oracle MySQL 9.7 (tests/servers/mysql97.sh): the same SQL as on MariaDB, another server.
+    "mysql9": os.environ.get("TI_GUARD_BENCH_MYSQL9_URL", "mysql+pymysql://root@127.0.0.1:3307/test"),
     "sqlite": "sqlite://",
 }
 
@@ -70,7 +72,9 @@ class BenchDB:
             return f"SQLite {sqlite3.sqlite_version}"
         with self.engine.connect() as conn:
             text = conn.exec_driver_sql("SELECT version()").scalar()
-        return text.split(",")[0] if self.backend == "postgresql" else f"MySQL-protocol server {text}"
+        if self.backend == "postgresql":
+            return text.split(",")[0]
+        return text if "mariadb" in text.lower() else f"MySQL {text}"
 
 
 def open_db(backend: str, server_url: str | None = None) -> BenchDB:
@@ -86,7 +90,8 @@ def open_db(backend: str, server_url: str | None = None) -> BenchDB:
         undo.append(scratch.close)
     # The digits cross join is deliberate; SQLAlchemy's linter misreads it on MySQL.
     engine = make_engine(url, enable_from_linting=False)
-    db = BenchDB(backend, url, engine, task_instance_table(sa.MetaData(), "3.x"), 0, undo)
+    # BenchDB.backend is the dialect: MariaDB (mysql) and MySQL (mysql9) get the same SQL.
+    db = BenchDB(dialect_name(engine.dialect.name), url, engine, task_instance_table(sa.MetaData(), "3.x"), 0, undo)
     try:
         db.table.metadata.create_all(engine)
         digits = sa.Table("ti_bench_digits", db.table.metadata, sa.Column("d", sa.Integer, primary_key=True, autoincrement=False))

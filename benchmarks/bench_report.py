@@ -14,7 +14,7 @@ from pathlib import Path
 from bench_variants import CONTROL, NONE
 from bench_workloads import BULK, WORKLOADS
 
-NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL (MariaDB)", "sqlite": "SQLite"}
+NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "mysql9": "MySQL 9.7", "sqlite": "SQLite"}
 MECHANISM_TARGET = 1.05
 MYSQL_HEARTBEAT_TARGET = 1.05
 INSTALL_GROWTH_TARGET = 1.5
@@ -110,7 +110,7 @@ def target_rows(backend: str, result: dict) -> list[str]:
         if alt:
             text, _ = _against(result, alt[0], "guard raise", WORKLOADS)
             rows.append(f"| {name} | {alt[0]} vs guard raise as shipped ({result['timing']['guard raise']}) | {text} | - |")
-    if backend == "mysql":
+    if backend in ("mysql", "mysql9"):
         for g in guards:
             medians = {"heartbeats": summary(ratios(t, g, NONE, "heartbeats"))[0]}
             rows.append(

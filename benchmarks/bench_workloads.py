@@ -111,7 +111,7 @@ def _proc_cpu(stat: str):
 def _mysql_thread_stat(conn) -> str:
     """/proc path of the server thread running this connection, if the server runs here.
 
-    MariaDB names the OS thread in PROCESSLIST.TID, MySQL 8 in performance_schema.threads.
+    MariaDB names the OS thread in PROCESSLIST.TID, MySQL 8+ in performance_schema.threads.
     """
     pid_file = conn.exec_driver_sql("SELECT @@pid_file").scalar()
     for query in (
@@ -123,9 +123,11 @@ def _mysql_thread_stat(conn) -> str:
                 tid = conn.exec_driver_sql(query).scalar()
         except sa.exc.DBAPIError:
             continue
-        if tid and pid_file and os.path.exists(pid_file):
-            with open(pid_file) as f:
-                return f"/proc/{f.read().strip()}/task/{tid}/stat"
+        # A server in a chroot (MySQL 9.7, tests/servers/mysql97.sh) names its pid file inside it.
+        for path in (pid_file, f"/proc/{tid}/root{pid_file}") if tid and pid_file else ():
+            if os.path.exists(path):
+                with open(path) as f:
+                    return f"/proc/{f.read().strip()}/task/{tid}/stat"
     return ""
 
 

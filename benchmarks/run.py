@@ -47,7 +47,7 @@ def bench_backend(backend: str, args) -> dict:
         bench_data.grow(db, args.rows)
         log(f"{backend}: {db.rows:,} rows loaded in {time.perf_counter() - started:.1f} s")
         ids, runs = bench_data.running_ids(db, HEARTBEAT_IDS), bench_data.fresh_runs(db, SKIP_RUNS)
-        variants = bench_variants.variants(backend)
+        variants = bench_variants.variants(db.backend)
         timings = {v.key: {w: [] for w in bench_workloads.WORKLOADS} for v in variants}
         wall = {v.key: {w: [] for w in bench_workloads.BULK} for v in variants}
         wal = {v.key: {w: [] for w in bench_workloads.BULK} for v in variants}
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heartbeat-repeats", type=int, default=4, help="heartbeat runs per variant per round (default 4)")
     parser.add_argument("--install-rows", type=lambda s: [int(x) for x in s.split(",")], default=None, help="table sizes for the install workload (default: ROWS and 10x ROWS)")
     parser.add_argument("--install-rounds", type=int, default=None, help="install repetitions per size (default: --rounds)")
-    parser.add_argument("--backends", default="postgresql,mysql,sqlite")
+    parser.add_argument("--backends", default="postgresql,mysql,mysql9,sqlite", help="mysql: MariaDB on 3306; mysql9: MySQL 9.7 on 3307")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--merge", action="store_true", help="keep the other backends of the existing results/latest.json (re-run one backend)")
     parser.add_argument("--readme", action="store_true", help="rewrite README.md's bench block from the results")

@@ -1,4 +1,9 @@
-"""Real servers, fresh databases: PostgreSQL and MariaDB (standing in for MySQL) and SQLite files.
+"""Real servers, fresh databases: PostgreSQL, MariaDB, Oracle MySQL 9.7 and SQLite files.
+
+Backend ids (in test ids and the README's tables): `postgresql`, `mysql` (MariaDB 10.11, the
+distribution's MySQL), `mysql9` (Oracle MySQL 9.7, started by tests/servers/mysql97.sh), `sqlite`.
+`DB.backend` is the dialect (MariaDB and MySQL are both `mysql`: ti-guard renders the same SQL for
+them); `DB.server` is the backend id.
 
 Each test session creates uniquely named databases and drops them at the end; each test
 starts from an empty one. A server that cannot be reached fails the run: it is never a skip.
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import sqlalchemy as sa
 
+from ti_guard import airflow_writes as aw
 from ti_guard import cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine, run_sql
@@ -22,7 +28,19 @@ from ti_guard.render import Quoter
 PG_URL = os.environ.get("TI_GUARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # ssl_disabled: PyMySQL builds a TLS context for every new connection, which dominated the MySQL tests.
 MYSQL_URL = os.environ.get("TI_GUARD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test?ssl_disabled=true")
-BACKENDS = ("postgresql", "mysql", "sqlite")
+# Oracle MySQL 9.7 on 3307 (tests/servers/mysql97.sh), with its defaults: binary logging on, strict mode.
+MYSQL9_URL = os.environ.get("TI_GUARD_TEST_MYSQL9_URL", "mysql+pymysql://root@127.0.0.1:3307/test?ssl_disabled=true")
+SERVER_URLS = {"postgresql": PG_URL, "mysql": MYSQL_URL, "mysql9": MYSQL9_URL}
+SERVERS = tuple(SERVER_URLS)
+BACKENDS = (*SERVERS, "sqlite")
+MYSQL_SERVERS = ("mysql", "mysql9")
+
+
+def dialect_of(server: str) -> str:
+    """The SQLAlchemy dialect behind a backend id: MariaDB and MySQL are both `mysql`."""
+    return "mysql" if server in MYSQL_SERVERS else server
+
+
 SESSION = f"ti_guard_t{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
 
@@ -33,6 +51,20 @@ def one_line_error(capsys, *needles) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def seed_and_skip(engine, table) -> str:
+    """A finished task, then the pre-fix skip writer at it; returns the state that stays."""
+    with engine.begin() as conn:
+        conn.execute(table.delete())
+        conn.execute(table.insert().values(id=str(uuid.uuid4()), dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
+    try:
+        with engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
+    except sa.exc.DBAPIError as exc:
+        assert "ti_guard: refused" in str(exc.orig)
+    with engine.connect() as conn:
+        return conn.execute(sa.select(table.c.state)).scalar()
 
 
 def _admin(url):
@@ -49,7 +81,7 @@ def _admin(url):
 def server_dbs():
     """One database per server for this session, named uniquely, dropped at the end."""
     made = {}
-    for name, url in (("postgresql", PG_URL), ("mysql", MYSQL_URL)):
+    for name, url in SERVER_URLS.items():
         admin = _admin(url)
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {SESSION}")
@@ -67,9 +99,10 @@ def server_dbs():
 
 @dataclass
 class DB:
-    backend: str
+    backend: str  # the dialect: postgresql, mysql (MariaDB or MySQL), sqlite
     url: str
     engine: sa.Engine
+    server: str  # the backend id: postgresql, mysql (MariaDB), mysql9 (MySQL 9.7), sqlite
 
     def table(self, shape="3.x", schema=None, name="task_instance") -> sa.Table:
         table = task_instance_table(sa.MetaData(), shape, schema=schema, name=name)
@@ -86,6 +119,25 @@ class DB:
     def sql(self, text: str):
         with self.engine.begin() as conn:
             return run_sql(conn, text)
+
+    def binlog(self) -> tuple[int, int]:
+        """MySQL/MariaDB: (@@log_bin, @@log_bin_trust_function_creators). MySQL 8+ logs by default, MariaDB does not."""
+        with self.engine.connect() as conn:
+            return tuple(conn.exec_driver_sql("SELECT @@log_bin, @@log_bin_trust_function_creators").one())
+
+    @contextlib.contextmanager
+    def trusting_function_creators(self):
+        """With binary logging on, an account without SUPER may create triggers only while
+        log_bin_trust_function_creators=1 (doctor's advice); set for the block, then put back."""
+        log_bin, trust = self.binlog()
+        if not log_bin or trust:
+            yield
+            return
+        self.sql("SET GLOBAL log_bin_trust_function_creators = 1")
+        try:
+            yield
+        finally:
+            self.sql("SET GLOBAL log_bin_trust_function_creators = 0")
 
     @contextlib.contextmanager
     def account(self, privileges=("SELECT", "UPDATE"), password=None, database_wide=False):
@@ -115,6 +167,7 @@ class DB:
 
 
 def _reset(backend, url, tmp_path):
+    backend = dialect_of(backend)
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'airflow.db'}"
     admin = make_engine(url, isolation_level="AUTOCOMMIT")
@@ -133,13 +186,13 @@ def _reset(backend, url, tmp_path):
 
 
 def pytest_generate_tests(metafunc):
-    # `db`: every backend; `server_db`: PostgreSQL and MySQL only (a test about servers).
+    # `db`: every backend; `server_db`: the servers only (a test about servers); `mysql_db`: MariaDB and MySQL.
     if "pg_db" in metafunc.fixturenames:
         metafunc.parametrize("backend", ("postgresql",))
     elif "mysql_db" in metafunc.fixturenames:
-        metafunc.parametrize("backend", ("mysql",))
+        metafunc.parametrize("backend", MYSQL_SERVERS)
     elif "server_db" in metafunc.fixturenames:
-        metafunc.parametrize("backend", ("postgresql", "mysql"))
+        metafunc.parametrize("backend", SERVERS)
     elif "db" in metafunc.fixturenames:
         metafunc.parametrize("backend", BACKENDS)
 
@@ -148,7 +201,7 @@ def pytest_generate_tests(metafunc):
 def db(backend, server_dbs, tmp_path):
     url = _reset(backend, server_dbs.get(backend), tmp_path)
     engine = make_engine(url)
-    yield DB(backend, url, engine)
+    yield DB(dialect_of(backend), url, engine, backend)
     engine.dispose()
 
 

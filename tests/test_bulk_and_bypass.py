@@ -8,7 +8,10 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
+from conftest import one_line_error
 from ti_guard import airflow_writes as aw
+from ti_guard import cli
+from ti_guard.errors import explain
 from ti_guard.policy import Policy
 from ti_guard.runtime import bypass
 
@@ -138,3 +141,37 @@ def test_set_state_command_repairs_one_row(db, capsys):
     assert rc == 0 and "success -> skipped" in capsys.readouterr().out
     assert _states(db, table) == {**STATES, "b": "skipped"}
     assert db.cli("set-state", "--dag-id", "d", "--task-id", "nope", "--run-id", "r", "--state", "skipped") == 2
+
+
+def test_mysql_bypass_needs_process_in_the_session_and_in_the_definer(mysql_db, capsys):
+    """The MySQL bypass reads INFORMATION_SCHEMA.INNODB_TRX in the repairing session and, inside the
+    trigger, as its DEFINER; both need PROCESS (MariaDB and MySQL 9 alike). Without it: one line
+    naming PROCESS and the grant, the row as it was; after the grant, the same repair goes through."""
+    table = mysql_db.table()
+    _seed(mysql_db, table)
+    with mysql_db.engine.begin() as conn:  # without the guard the racy route overwrites finished rows
+        conn.execute(_racy(table, "b"))
+    assert _states(mysql_db, table)["b"] == "skipped"
+    _seed(mysql_db, table)
+    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url, mysql_db.trusting_function_creators():
+        account = sa.engine.make_url(url).username
+        assert cli.main(["install", "--url", url, "--mode", "raise"]) == 0  # the triggers' DEFINER lacks PROCESS
+        capsys.readouterr()
+        assert cli.main(["doctor", "--url", url]) == 1
+        assert "lacks PROCESS: a repair under the bypass then fails with error 1227" in capsys.readouterr().out
+        # The session side: set-state as an operator without PROCESS.
+        assert cli.main(["set-state", "--url", url, "--dag-id", "d", "--task-id", "b", "--run-id", "r", "--state", "skipped"]) == 2
+        one_line_error(capsys, "INNODB_TRX, which needs the PROCESS privilege", "GRANT PROCESS ON *.*", "nothing was changed")
+        # The trigger side: a repair by root (which has PROCESS) meets the DEFINER's missing PROCESS.
+        with pytest.raises(sa.exc.DBAPIError) as refused:
+            with mysql_db.engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
+                conn.execute(_racy(table, "c"))
+        assert refused.value.orig.args[0] == 1227
+        assert "GRANT PROCESS ON *.* to the repairing account and to the DEFINER" in str(explain(refused.value))
+        assert _states(mysql_db, table) == STATES  # both left the rows as they were
+        mysql_db.sql(f"GRANT PROCESS ON *.* TO {mysql_db.engine.dialect.identifier_preparer.quote(account)}@'%'")
+        assert cli.main(["set-state", "--url", url, "--dag-id", "d", "--task-id", "b", "--run-id", "r", "--state", "skipped"]) == 0
+        with mysql_db.engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
+            conn.execute(_racy(table, "c"))
+        assert _states(mysql_db, table) == {**STATES, "b": "skipped", "c": "skipped"}
+        assert cli.main(["uninstall", "--url", url]) == 0

@@ -7,10 +7,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from conftest import one_line_error, seed_and_skip
 from ti_guard import catalog, cli
 from ti_guard.policy import Policy
 
-SERVER_WORD = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "sqlite": "SQLite"}
+SERVER_WORD = {"postgresql": "PostgreSQL ", "mysql": "MariaDB 10.", "mysql9": "MySQL 9.", "sqlite": "SQLite "}
 
 
 def doctor(db, capsys, *args, url=None):
@@ -33,7 +34,7 @@ def test_ready_database_then_nothing_to_do(db, capsys):
     assert rc == 0, out
     assert out.startswith("READY: ti-guard doctor on ")
     server_line = next(line for line in out.splitlines() if "server: " in line)
-    assert SERVER_WORD[db.backend] in server_line, out
+    assert SERVER_WORD[db.server] in server_line and "((" not in server_line, out
     assert "alembic_version is 29ce7909c52b" in out
     assert "install would: run migration 0001" in out and "create trigger ti_guard_" in out
     with db.engine.connect() as conn:  # doctor only reads
@@ -85,7 +86,7 @@ def test_mysql_trigger_whose_definer_was_dropped(mysql_db, capsys):
     table = airflow_db(mysql_db)
     with mysql_db.engine.begin() as conn:
         conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
-    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url:
+    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url, mysql_db.trusting_function_creators():
         assert cli.main(["install", "--url", url]) == 0
         heartbeat = sa.update(table).values(hostname="w1")
         with mysql_db.engine.begin() as conn:  # with its definer alive, Airflow's writes go through
@@ -105,3 +106,33 @@ def test_mysql_trigger_whose_definer_was_dropped(mysql_db, capsys):
     assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
     with mysql_db.engine.begin() as conn:
         conn.execute(heartbeat)
+
+
+def test_mysql_binary_log_without_super_then_following_the_advice(mysql_db, capsys):
+    """MySQL 8+ logs binary by default: an account without SUPER cannot create the triggers until
+    log_bin_trust_function_creators=1. Doctor says so, install fails in one line and leaves the
+    database as it was, and after following the advice the same account installs a working guard.
+    (MariaDB does not log by default: there the account installs at once, as doctor says.)"""
+    table = airflow_db(mysql_db)
+    log_bin, trust = mysql_db.binlog()
+    assert (log_bin, trust) == ((1, 0) if mysql_db.server == "mysql9" else (0, 0))
+    assert seed_and_skip(mysql_db.engine, table) == "skipped"  # without the guard: overwritten
+    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url:
+        rc, out = doctor(mysql_db, capsys, url=url)
+        if log_bin:
+            assert rc == 2 and "[FAIL] binary log: on (ROW), log_bin_trust_function_creators=0 and no SUPER" in out, out
+            assert "SET GLOBAL log_bin_trust_function_creators = 1" in out, out
+            with mysql_db.engine.connect() as conn:
+                before = sorted(sa.inspect(conn).get_table_names())
+            assert cli.main(["install", "--url", url]) == 2
+            one_line_error(capsys, "error 1419", "SET GLOBAL log_bin_trust_function_creators = 1")
+            with mysql_db.engine.connect() as conn:  # left as it was: no trigger, no table of ti-guard's
+                assert catalog.read(conn, Policy()) == {} and sorted(sa.inspect(conn).get_table_names()) == before
+            assert seed_and_skip(mysql_db.engine, table) == "skipped"
+        with mysql_db.trusting_function_creators():  # the advice, followed
+            rc, out = doctor(mysql_db, capsys, url=url)
+            assert f"[ok]   binary log: {'on (ROW)' if log_bin else 'off'}, log_bin_trust_function_creators=1" in out or not log_bin, out
+            assert rc in (0, 1) and "[FAIL]" not in out, out
+            assert cli.main(["install", "--url", url]) == 0 and cli.main(["status", "--url", url]) == 0
+            assert seed_and_skip(mysql_db.engine, table) == "success"  # the guard now keeps the finished row
+            assert cli.main(["uninstall", "--url", url]) == 0

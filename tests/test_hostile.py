@@ -6,18 +6,17 @@ the database as it was. The README's "Hostile and wrong input" table lists these
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import one_line_error
-from ti_guard import airflow_writes as aw
+from conftest import one_line_error, seed_and_skip
 from ti_guard import catalog, cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.policy import Policy
@@ -25,20 +24,6 @@ from ti_guard.policy import Policy
 ODD = 'Air "flow".Meta Data'
 ODD_TABLE = "Task 'Instance\".x"
 INJECTION = "running'); DROP TABLE task_instance; --"
-
-
-def _seed_and_skip(engine, table) -> str:
-    """A finished task, then the pre-fix skip writer at it; returns the state that stays."""
-    with engine.begin() as conn:
-        conn.execute(table.delete())
-        conn.execute(table.insert().values(id=str(uuid.uuid4()), dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
-    try:
-        with engine.begin() as conn:
-            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
-    except sa.exc.DBAPIError as exc:
-        assert "ti_guard: refused" in str(exc.orig)
-    with engine.connect() as conn:
-        return conn.execute(sa.select(table.c.state)).scalar()
 
 
 @pytest.fixture
@@ -61,9 +46,9 @@ def odd_place(db):
 def test_names_with_quotes_spaces_dots_and_upper_case(db, odd_place, capsys):
     schema, table = odd_place
     where = ([f"--schema={schema}"] if schema else []) + [f"--table={ODD_TABLE}"]
-    assert _seed_and_skip(db.engine, table) == "skipped"  # without the guard: overwritten
+    assert seed_and_skip(db.engine, table) == "skipped"  # without the guard: overwritten
     assert db.cli("install", *where) == 0
-    assert _seed_and_skip(db.engine, table) == "success"
+    assert seed_and_skip(db.engine, table) == "success"
     assert db.cli("status", *where) == 0
     capsys.readouterr()
     assert db.cli("report", *where, "--format=json") == 0  # the record sits beside the odd table
@@ -71,7 +56,7 @@ def test_names_with_quotes_spaces_dots_and_upper_case(db, odd_place, capsys):
     assert db.cli("uninstall", *where) == 0
     with db.engine.connect() as conn:
         assert catalog.read(conn, Policy.build(schema=schema, table=ODD_TABLE)) == {}
-    assert _seed_and_skip(db.engine, table) == "skipped"
+    assert seed_and_skip(db.engine, table) == "skipped"
 
 
 PASSWORD = "p@ss:w/rd%40 \"q' ;--\\x"
@@ -80,7 +65,8 @@ PASSWORD = "p@ss:w/rd%40 \"q' ;--\\x"
 def test_password_that_needs_url_quoting(server_db, capsys):
     """MariaDB checks the password; PostgreSQL here trusts 127.0.0.1, so there only the URL's parsing is tested."""
     table = server_db.table()
-    with server_db.account(("ALL PRIVILEGES",), password=PASSWORD, database_wide=server_db.backend == "mysql") as url:
+    trusting = server_db.trusting_function_creators() if server_db.backend == "mysql" else contextlib.nullcontext()
+    with server_db.account(("ALL PRIVILEGES",), password=PASSWORD, database_wide=server_db.backend == "mysql") as url, trusting:
         if server_db.backend == "postgresql":
             server_db.sql(f"ALTER TABLE task_instance OWNER TO {sa.engine.make_url(url).username}")
             server_db.sql(f"GRANT CREATE ON SCHEMA public TO {sa.engine.make_url(url).username}")
@@ -89,7 +75,7 @@ def test_password_that_needs_url_quoting(server_db, capsys):
             assert cli.main(["status", "--url", wrong]) == 3  # the password is really checked
         assert cli.main(["install", "--url", url]) == 0
         assert cli.main(["status", "--url", url]) == 0
-        assert _seed_and_skip(server_db.engine, table) == "success"
+        assert seed_and_skip(server_db.engine, table) == "success"
         assert cli.main(["uninstall", "--url", url]) == 0
         if server_db.backend == "postgresql":
             server_db.sql("ALTER TABLE task_instance OWNER TO postgres")

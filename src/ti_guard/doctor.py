@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from . import catalog, installation
 from .db import effective_lock_timeout
-from .errors import GuardError, explain
+from .errors import BINLOG_ADVICE, GuardError, explain
 from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 from .status import CRITICAL, OK, UNKNOWN, WARNING, Report
@@ -209,10 +210,21 @@ def _pg_lock_risk(p: Probe) -> None:
 # --- MySQL / MariaDB -------------------------------------------------------------------
 
 
+def mysql_server_name(version: str, comment: str) -> str:
+    """'MariaDB 10.11.6 (10.11.6-MariaDB-0+deb12u1, Debian 12)', 'MySQL 9.7.4 (9.7.4-2, Debian)'.
+
+    MariaDB names itself in VERSION(); MySQL does not, and its version comment comes in
+    parentheses of its own ('(Debian)')."""
+    product = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+    number = re.match(r"\d+(?:\.\d+)*", version)
+    details = ", ".join(x for x in (version, (comment or "").strip().strip("()")) if x)
+    return f"{product} {number.group(0) if number else version} ({details})"
+
+
 def _mysql_server(p: Probe) -> None:
     version, comment, read_only = _first(p, "SELECT VERSION(), @@version_comment, @@read_only")
     grants = p.grants
-    p.report.say(OK, "server", f"{version} ({comment}), user {grants.account}")
+    p.report.say(OK, "server", f"{mysql_server_name(version, comment)}, user {grants.account}")
     if read_only and "SUPER" not in grants.server:
         p.report.say(CRITICAL, "server", "the server is read_only: connect to the primary")
 
@@ -229,7 +241,7 @@ def _mysql_binlog(p: Probe) -> None:
     grants = p.grants
     log_bin, trust, fmt = _first(p, "SELECT @@log_bin, @@log_bin_trust_function_creators, @@binlog_format")
     if log_bin and not trust and "SUPER" not in grants.server:
-        p.report.say(CRITICAL, "binary log", f"on ({fmt}), log_bin_trust_function_creators=0 and no SUPER: CREATE TRIGGER fails (error 1419); set log_bin_trust_function_creators=1 or install as an account with SUPER")
+        p.report.say(CRITICAL, "binary log", f"on ({fmt}), log_bin_trust_function_creators=0 and no SUPER: CREATE TRIGGER fails (error 1419); {BINLOG_ADVICE}")
     else:
         p.report.say(OK, "binary log", f"{'on (' + fmt + ')' if log_bin else 'off'}, log_bin_trust_function_creators={trust}")
 
@@ -239,7 +251,7 @@ def _mysql_definers(p: Probe) -> None:
     if "PROCESS" in grants.server:
         p.report.say(OK, "definer", f"the guard's triggers will be defined by {grants.account}, which has PROCESS (the bypass reads INNODB_TRX)")
     else:
-        p.report.say(WARNING, "definer", f"the guard's triggers will be defined by {grants.account}, which lacks PROCESS: the documented bypass cannot read INNODB_TRX (grant PROCESS, or install as another account)")
+        p.report.say(WARNING, "definer", f"the guard's triggers will be defined by {grants.account}, which lacks PROCESS: a repair under the bypass then fails with error 1227 inside the trigger (it reads INNODB_TRX as its DEFINER); GRANT PROCESS ON *.* to {grants.account}, or install as another account")
     if p.columns is None:
         return
     triggers = [

@@ -15,6 +15,21 @@ class LockTimeout(GuardError):
     pass
 
 
+# MySQL 8+ turns binary logging on by default (MariaDB does not): CREATE TRIGGER then needs SUPER
+# or this variable. SET GLOBAL lasts until the server restarts; the config file (or MySQL's SET PERSIST) keeps it.
+BINLOG_ADVICE = (
+    "as an administrator run SET GLOBAL log_bin_trust_function_creators = 1 (and set it in the server's"
+    " config file, or SET PERSIST on MySQL, to keep it), or install as an account with SUPER"
+)
+
+# The MySQL bypass reads INFORMATION_SCHEMA.INNODB_TRX twice: in the repairing session
+# (runtime.bypass, set-state) and in the trigger, as its DEFINER. Both need PROCESS (MariaDB and MySQL alike).
+BYPASS_NEEDS_PROCESS = "the bypass reads INFORMATION_SCHEMA.INNODB_TRX, which needs the PROCESS privilege"
+BYPASS_PROCESS_FIX = (
+    "GRANT PROCESS ON *.* to the repairing account and to the DEFINER of the guard's trigger"
+    " (ti-guard doctor names it), or repair as an account that has it; nothing was changed"
+)
+
 # PostgreSQL SQLSTATEs and MySQL/MariaDB error numbers we explain.
 _PG_HINTS = {
     "55P03": "could not lock {table} within the lock timeout: a long transaction holds it; retry later or raise --lock-timeout",
@@ -30,7 +45,7 @@ _MYSQL_HINTS = {
     1044: "the database user lacks a privilege: {detail}; grant TRIGGER on the table (and CREATE for the settings table)",
     1142: "the database user lacks a privilege: {detail}; grant TRIGGER on the table (and CREATE for the settings table)",
     1227: "the database user lacks a privilege: {detail}; the user needs TRIGGER (and SUPER or log_bin_trust_function_creators=1 when binary logging is on)",
-    1419: "binary logging is on and the user has no SUPER: {detail}; set log_bin_trust_function_creators=1 or install as an administrator",
+    1419: "binary logging is on and the user has no SUPER, so it cannot create triggers (error 1419); " + BINLOG_ADVICE,
     1045: "access denied: {detail}; check the user and password in the URL",
     1049: "the database does not exist: {detail}; check the database name in the URL",
     2003: "cannot reach the MySQL server: {detail}; check host and port in the URL and that the server runs",
@@ -53,6 +68,8 @@ def explain(exc: BaseException, table: str = "task_instance") -> GuardError:
     detail = _first_line(orig)
     # MySQL's error number first: PyMySQL errors carry a SQLSTATE too (1045 is 28000, as on PostgreSQL).
     args = getattr(orig, "args", ())
+    if args and args[0] == 1227 and "PROCESS" in detail:
+        return GuardError(f"{BYPASS_NEEDS_PROCESS}: {_first_line(args[1] if len(args) > 1 else detail)}; {BYPASS_PROCESS_FIX}")
     if args and isinstance(args[0], int) and args[0] in _MYSQL_HINTS:
         cls = LockTimeout if args[0] == 1205 else GuardError
         return cls(_MYSQL_HINTS[args[0]].format(table=table, detail=_first_line(args[1] if len(args) > 1 else detail)))

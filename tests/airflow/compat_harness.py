@@ -21,6 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import airflow_venv
+from conftest import dialect_of
 from ti_guard import airflow_writes, catalog
 from ti_guard.db import make_engine, scratch_database
 from ti_guard.policy import Policy
@@ -65,7 +66,8 @@ class Database:
     """A uniquely named, empty database (a file for SQLite), with the URLs each side needs."""
 
     def __init__(self, backend: str, admin_urls: dict, workdir: Path, label: str):
-        self.backend = backend
+        self.backend = backend  # the backend id: postgresql, mysql (MariaDB), mysql9 (MySQL 9.7), sqlite
+        self.dialect = dialect_of(backend)
         self._scratch = contextlib.ExitStack()
         if backend == "sqlite":
             path = workdir / f"{label}.db"
@@ -84,7 +86,7 @@ class Database:
         try:
             with engine.connect() as conn:
                 query = {"postgresql": "SHOW server_version", "mysql": "SELECT VERSION()", "sqlite": "SELECT sqlite_version()"}
-                return f"{self.backend} {conn.exec_driver_sql(query[self.backend]).scalar()}"
+                return f"{self.backend} {conn.exec_driver_sql(query[self.dialect]).scalar()}"
         finally:
             engine.dispose()
 
@@ -202,13 +204,13 @@ def bypass_statements(db: Database, variant: str) -> dict:
     if variant == "none":
         return {"before": [], "after": []}
     policy = Policy.build()
-    if db.backend == "postgresql":
+    if db.dialect == "postgresql":
         return {"before": ["SELECT set_config('ti_guard.bypass', 'on', true)"], "after": []}
     engine = make_engine(db.url)
     try:
         with engine.connect() as conn:
             quote = conn.dialect.identifier_preparer.quote
-            if db.backend == "mysql":
+            if db.dialect == "mysql":
                 # A locking read gives the transaction its InnoDB id; INNODB_TRX shows it after its cache delay.
                 return {
                     "before": [

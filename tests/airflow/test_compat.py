@@ -24,7 +24,8 @@ import conftest as main_conftest
 pytestmark = pytest.mark.airflow
 
 VERSIONS = tuple(v.strip() for v in os.environ.get("TI_GUARD_AIRFLOW_VERSIONS", "3.3.2,3.1.8").split(",") if v.strip())
-BACKENDS = main_conftest.BACKENDS
+# TI_GUARD_AIRFLOW_BACKENDS picks backend ids (default all: postgresql, mysql = MariaDB, mysql9 = MySQL 9.7, sqlite).
+BACKENDS = tuple(b.strip() for b in os.environ.get("TI_GUARD_AIRFLOW_BACKENDS", ",".join(main_conftest.BACKENDS)).split(",") if b.strip())
 RESULTS = Path(os.environ.get("TI_GUARD_COMPAT_RESULTS", harness.REPO / ".pytest_cache" / "ti-guard-compat.json"))
 # The states each DAG is written to produce; a scenario that stopped producing its skip would test nothing.
 INTENDED = {
@@ -54,7 +55,8 @@ def combos(request):
 
 def _run_all():
     admin_urls = {}
-    for backend, url in (("postgresql", main_conftest.PG_URL), ("mysql", main_conftest.MYSQL_URL)):
+    for backend in set(BACKENDS) & set(main_conftest.SERVER_URLS):
+        url = main_conftest.SERVER_URLS[backend]
         main_conftest._admin(url).dispose()  # an unreachable server fails here, never a skip
         admin_urls[backend] = url
     with ThreadPoolExecutor() as pool:  # one install per version, before the combos that share it

@@ -170,8 +170,9 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             # The scheduler's asset-orphanage job runs every parsing_cleanup_interval (60 s); on MariaDB
             # 10.11 its DELETE ... WHERE EXISTS (CTE) is a syntax error (1064) that ends the scheduler
-            # loop, guard or not (3.3.2). Keep it out of the run on every backend alike.
-            "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "86400",
+            # loop, guard or not (3.3.2). Keep it out of the run on every backend alike
+            # (TI_GUARD_DEPLOY_CLEANUP_INTERVAL=5 brings it back, to see which servers it breaks).
+            "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": os.environ.get("TI_GUARD_DEPLOY_CLEANUP_INTERVAL", "86400"),
             "TI_GUARD_DEPLOY_MARKERS": str(self.markers),
             "PYTHONUNBUFFERED": "1",
         }

@@ -7,9 +7,11 @@ variant is the yardstick: every other variant must end every run and task instan
 did, except where EXPECTED below says otherwise. Universal properties are asserted per variant:
 no component exited, the scheduler kept heartbeating, no new traceback in a component's log.
 
-Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL and MariaDB with every case,
-3.1.8 on PostgreSQL with the race and schedule_tis), =full (3.3.2 and 3.1.8 x PostgreSQL and MariaDB, every
-case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql`.
+Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL, MariaDB and MySQL 9.7 with every
+case, 3.1.8 on PostgreSQL with the race and schedule_tis), =full (3.3.2 and 3.1.8 x PostgreSQL, MariaDB
+and MySQL 9.7, every case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql9`.
+Backend ids as in tests/conftest.py: `mysql` is MariaDB, `mysql9` Oracle MySQL 9.7; an EXPECTED entry
+for `mysql` holds for both (the guard's SQL is the same) unless a `mysql9` entry says otherwise.
 TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
 TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
 Work dirs (every component's log, task logs, markers) are kept when a check failed and named
@@ -106,10 +108,11 @@ KNOWN_TRACEBACKS = {
 
 ALL_CASES = tuple(deployment.CASES)
 VERSIONS = ("3.3.2", "3.1.8")
-BACKENDS = ("postgresql", "mysql")
-DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race", "schedule_tis"))]
+BACKENDS = main_conftest.SERVERS
+DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.3.2", "mysql9", ALL_CASES),
+                  ("3.1.8", "postgresql", ("race", "schedule_tis"))]
 FULL_MATRIX = [(v, b, ALL_CASES) for v in VERSIONS for b in BACKENDS]
-ADMIN_URLS = {"postgresql": main_conftest.PG_URL, "mysql": main_conftest.MYSQL_URL}
+ADMIN_URLS = main_conftest.SERVER_URLS
 RESULTS = Path(os.environ.get("TI_GUARD_DEPLOY_RESULTS", deployment.REPO / ".pytest_cache" / "ti-guard-deploy.json"))
 HEARTBEAT_MAX_AGE = 30
 
@@ -139,12 +142,14 @@ CHECKS: list[dict] = []
 
 
 def expected_for(version, backend, variant, case, table=None):
-    """The most specific EXPECTED (or `table`) entry: (found, value)."""
+    """The most specific EXPECTED (or `table`) entry: (found, value). A backend matches exactly,
+    then by dialect (`mysql` entries hold for `mysql9`), then ALL."""
     best, found, value = -1, False, None
+    dialect = main_conftest.dialect_of(backend)
     for (v, b, var, c), entry in (EXPECTED if table is None else table).items():
-        if c != case or v not in (ALL, version) or b not in (ALL, backend) or var not in (ALL, variant):
+        if c != case or v not in (ALL, version) or b not in (ALL, backend, dialect) or var not in (ALL, variant):
             continue
-        score = 4 * (v != ALL) + 2 * (b != ALL) + (var != ALL)
+        score = 8 * (v != ALL) + 2 * ((b != ALL) + (b == backend)) + (var != ALL)
         if score > best:
             best, found, value = score, True, entry
     return found, value

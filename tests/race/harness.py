@@ -2,7 +2,8 @@
 pre-3.3 schedule_tis, with and without the guard.
 
     .venv/bin/python -m tests.race.harness --url postgresql+psycopg://postgres@127.0.0.1:5432/test \\
-        --url mysql+pymysql://root@127.0.0.1:3306/test --races 100000 [--readme] [--readme-out FILE]
+        --url mysql+pymysql://root@127.0.0.1:3306/test --url mysql+pymysql://root@127.0.0.1:3307/test \\
+        --races 100000 [--readme] [--readme-out FILE]     # 3307: MySQL 9.7 (tests/servers/mysql97.sh)
 
 For each URL it creates a scratch database on that server (dropped at the end; --in-place
 uses the database the URL names, which must have no task_instance), then runs three
@@ -338,6 +339,12 @@ def _fresh_table(engine: sa.Engine, url: str) -> sa.Table:
     return table
 
 
+def backend_id(engine: sa.Engine) -> str:
+    """The suite's backend ids (tests/conftest.py): mysql is MariaDB, mysql9 Oracle MySQL; after a connect."""
+    dialect = dialect_name(engine.dialect.name)
+    return ("mysql" if engine.dialect.is_mariadb else "mysql9") if dialect == "mysql" else dialect
+
+
 def run_variant(url: str, variant: str, plan: Plan) -> Result:
     # A connection per worker and per racy writer of each worker, and two to spare.
     engine = make_engine(url, pool_size=3 * plan.workers + 2, poolclass=sa.pool.QueuePool)
@@ -356,10 +363,10 @@ def run_variant(url: str, variant: str, plan: Plan) -> Result:
         recorded, text = Counter(), ""
         if variant != "none":
             found = report(resolve(url=url), parse_since("1d"))
-            text = as_text(found, f"the race's scratch database on {dialect_name(engine.dialect.name)}")
+            text = as_text(found, f"the race's scratch database on {backend_id(engine)}")
             for t in found.totals:
                 recorded[(t["rule"], t["action"], t["old_state"])] += t["refusals"]
-        return Result(dialect_name(engine.dialect.name), variant, plan, seconds, counts, log, exits, race.killed, recorded, text)
+        return Result(backend_id(engine), variant, plan, seconds, counts, log, exits, race.killed, recorded, text)
     finally:
         engine.dispose()
 
@@ -392,7 +399,7 @@ def server_version(url: str) -> str:
     finally:
         engine.dispose()
     version = version.split(" on ")[0].split(",")[0]
-    return f"{version} (standing in for MySQL 8)" if "MariaDB" in version else version
+    return version if "MariaDB" in version or "PostgreSQL" in version else f"MySQL {version}"
 
 
 def machine() -> str:
@@ -477,7 +484,7 @@ def block(results: list[Result], versions: list[str], command: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.race.harness", description=__doc__.split("\n")[0])
-    parser.add_argument("--url", action="append", required=True, help="a PostgreSQL or MySQL/MariaDB server (repeatable)")
+    parser.add_argument("--url", action="append", required=True, help="a PostgreSQL, MariaDB or MySQL server (repeatable)")
     parser.add_argument("--races", type=int, default=10_000, help="skip races per guarded variant (default 10000)")
     parser.add_argument("--baseline-races", type=int, help="skip races without the guard (default: as many as --races)")
     parser.add_argument("--workers", type=int, default=Plan.workers)

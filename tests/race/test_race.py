@@ -1,4 +1,4 @@
-"""The races of apache/airflow#63266 and #60330 on PostgreSQL and MariaDB: overwrites without the guard, none with it.
+"""The races of apache/airflow#63266 and #60330 on PostgreSQL, MariaDB and MySQL 9.7: overwrites without the guard, none with it.
 
 Two racy writers beside the workers: the pre-fix skip UPDATE and the pre-3.3
 `DagRun.schedule_tis` acting on a stale read. What happened is read from the observer's log

@@ -93,7 +93,7 @@ def test_replacing_the_guard_under_a_hammer_lets_no_refused_skip_through(server_
         time.sleep(0.2)
 
     verdicts = Counter(verdict for *_, verdict in hammer.attempts)
-    print(f"\n{server_db.backend}: {len(hammer.attempts)} skip attempts, {hammer.during(windows)} of them between the first "
+    print(f"\n{server_db.server}: {len(hammer.attempts)} skip attempts, {hammer.during(windows)} of them between the first "
           f"CREATE and the last DROP of the {len(windows)} replacements: {dict(verdicts)}")
     assert _overwrites(server_db) == 0
     with server_db.engine.connect() as conn:

@@ -79,7 +79,7 @@ def test_install_under_steady_write_load(server_db, capsys):
     assert refused  # the guard is live under the load
     load.assert_nothing_lost()
     baseline, during = load.max_wait(0, baseline_end), load.max_wait(started, finished)
-    print(f"\n{server_db.backend}: install {finished - started:.2f}s, {len(gave_up)} lock timeouts before it got the lock; "
+    print(f"\n{server_db.server}: install {finished - started:.2f}s, {len(gave_up)} lock timeouts before it got the lock; "
           f"{load.count(started, finished)} writes during it, slowest {during:.3f}s (before the install: {load.count(0, baseline_end)} writes, slowest {baseline:.3f}s); deadlocks retried: {dict(load.retried)}")
     assert load.count(0, baseline_end) > 0 and load.count(started, finished) > 0 and load.count(finished) > 0
     assert gave_up, "the long transactions never made the install wait: this test proved nothing about waits"

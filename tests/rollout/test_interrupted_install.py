@@ -76,7 +76,7 @@ def _kill_at_every_step(db, mode: str, before, policies_before, policy_after) ->
         rc, steps = install_killed_at(db.url, mode, n)
         if rc == 0:
             assert_converged(db, policy_after)  # the install that was not killed
-            print(f"\n{db.backend}: {n - 1} kill points: {steps}")
+            print(f"\n{db.server}: {n - 1} kill points: {steps}")
             return [start, *left]
         assert rc == KILLED, (n, rc, steps)
         left.append(_state(db))
