@@ -8,8 +8,11 @@ did, except where EXPECTED below says otherwise. Universal properties are assert
 no component exited, the scheduler kept heartbeating, no new traceback in a component's log.
 
 Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL and MariaDB with every case,
-3.1.8 on PostgreSQL with the race and schedule_tis), =full (3.3.2 and 3.1.8 x PostgreSQL and MariaDB, every
-case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql`.
+3.1.8 on PostgreSQL with the race and schedule_tis, 2.11.2 on PostgreSQL with the race and the run
+timeout), =full (3.3.2, 3.1.8 and 2.11.2 x PostgreSQL and MariaDB, every case of the version), or an
+explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql,2.11.2-postgresql`.
+Airflow 2 runs as `airflow webserver` (REST API v1, basic auth) and `airflow scheduler` (LocalExecutor,
+its DAG parsing, LocalTaskJob heartbeats).
 TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
 TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
 Work dirs (every component's log, task logs, markers) are kept when a check failed and named
@@ -105,10 +108,14 @@ KNOWN_TRACEBACKS = {
 }
 
 ALL_CASES = tuple(deployment.CASES)
-VERSIONS = ("3.3.2", "3.1.8")
+# Airflow 2 has the run timeout, REST marks (API v1), the race and schedule_tis; fail_fast and the
+# deferral cases are Airflow 3's (their writers do not reach a protected row to skip it).
+CASES_BY_MAJOR = {3: ALL_CASES, 2: ("timeout", "rest_marks", "race", "schedule_tis")}
+VERSIONS = ("3.3.2", "3.1.8", "2.11.2")
 BACKENDS = ("postgresql", "mysql")
-DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race", "schedule_tis"))]
-FULL_MATRIX = [(v, b, ALL_CASES) for v in VERSIONS for b in BACKENDS]
+DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.1.8", "postgresql", ("race", "schedule_tis")),
+                  ("2.11.2", "postgresql", ("race", "timeout"))]
+FULL_MATRIX = [(v, b, CASES_BY_MAJOR[int(v.split(".")[0])]) for v in VERSIONS for b in BACKENDS]
 ADMIN_URLS = {"postgresql": main_conftest.PG_URL, "mysql": main_conftest.MYSQL_URL}
 RESULTS = Path(os.environ.get("TI_GUARD_DEPLOY_RESULTS", deployment.REPO / ".pytest_cache" / "ti-guard-deploy.json"))
 HEARTBEAT_MAX_AGE = 30
@@ -124,7 +131,7 @@ def _matrix():
     for item in filter(None, (i.strip() for i in spec.split(","))):
         combo, _, cases = item.partition(":")
         version, _, backend = combo.partition("-")
-        chosen = tuple(c for c in cases.split("+") if c) if cases else ALL_CASES
+        chosen = tuple(c for c in cases.split("+") if c) if cases else CASES_BY_MAJOR[int(version.split(".")[0])]
         unknown = set(chosen) - set(ALL_CASES)
         if backend not in BACKENDS or unknown:
             raise pytest.UsageError(f"TI_GUARD_DEPLOY_MATRIX: cannot read {item!r} (backends {BACKENDS}, cases {ALL_CASES})")
