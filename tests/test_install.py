@@ -61,7 +61,7 @@ def test_alembic_upgrade_downgrade_round_trip(db, shape, capsys):
     alembic(db, "upgrade", "head")
     installed = objects(db)
     assert {o.kind for o in installed.values()} >= {"trigger"}
-    assert tables(db) == {"alembic_version", "ti_guard_alembic_version", "ti_guard_settings"}
+    assert tables(db) == {"alembic_version", "ti_guard_alembic_version", "ti_guard_settings", "ti_guard_refusals", "ti_guard_refusal_counts"}
     assert db.cli("status") == 0
     alembic(db, "upgrade", "head")  # twice: a no-op
     assert objects(db) == installed
@@ -117,7 +117,7 @@ def test_status_reports_outdated_definition(db, capsys):
     stale = {"postgresql": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE OF state ON task_instance FOR EACH ROW WHEN (false) EXECUTE FUNCTION {fn}()",
              "mysql": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE ON task_instance FOR EACH ROW SET @x = 1",
              "sqlite": "CREATE TRIGGER ti_guard_skip_00000000 BEFORE UPDATE OF state ON task_instance BEGIN SELECT 1; END"}[db.backend]
-    fn = next((n for n, o in objects(db).items() if o.kind == "function"), "")
+    fn = next((n for n, o in objects(db).items() if o.kind == "function" and n.startswith("ti_guard_guard_")), "")
     db.sql(stale.format(fn=fn))
     capsys.readouterr()
     assert db.cli("status") == 1

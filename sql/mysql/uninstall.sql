@@ -3,7 +3,13 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_38888e2a;
+DROP TRIGGER IF EXISTS ti_guard_guard_267ebcc1;
+
+
+DROP TABLE IF EXISTS ti_guard_refusals;
+
+
+DROP TABLE IF EXISTS ti_guard_refusal_counts;
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

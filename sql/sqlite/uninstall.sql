@@ -5,10 +5,16 @@ PRAGMA busy_timeout = 2000;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_schedule_d71b79e8;
+DROP TRIGGER IF EXISTS ti_guard_stale_schedule_6f6999f7;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_c677521f;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_11c6620c;
+
+
+DROP TABLE IF EXISTS ti_guard_refusals;
+
+
+DROP TABLE IF EXISTS ti_guard_refusal_counts;
 
 
 DROP TABLE IF EXISTS ti_guard_settings;

@@ -18,6 +18,7 @@ class Installed:
     definition: str
     enabled: bool = True
     definer: str | None = None
+    arguments: str = ""  # a PostgreSQL function's identity arguments, which DROP FUNCTION needs
 
 
 def _pg_schema(conn, policy: Policy) -> str:
@@ -36,12 +37,12 @@ def read(conn: sa.Connection, policy: Policy) -> dict[str, Installed]:
         schema = _pg_schema(conn, policy)
         rows = conn.execute(
             sa.text(
-                "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-                "WHERE n.nspname = :schema"
+                "SELECT p.proname, p.prosrc, pg_get_function_identity_arguments(p.oid) "
+                "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :schema"
             ),
             {"schema": schema},
         )
-        found += [Installed("function", name, src.strip("\n")) for name, src in rows if name.startswith(PREFIX + "_")]
+        found += [Installed("function", name, src.strip("\n"), arguments=args) for name, src, args in rows if name.startswith(PREFIX + "_")]
         rows = conn.execute(
             sa.text(
                 "SELECT t.tgname, p.proname, t.tgenabled FROM pg_trigger t "
@@ -98,7 +99,7 @@ def settings_table(policy: Policy) -> sa.Table:
         sa.Column("mode", sa.String(16), nullable=False),
         sa.Column("protect", sa.String(400), nullable=False),
         sa.Column("guarded_table", sa.String(128), nullable=False),
-        sa.Column("definition", sa.String(200), nullable=False),
+        sa.Column("definition", sa.String(1000), nullable=False),
         sa.Column("installed_at", sa.DateTime, nullable=False),
         schema=policy.db_schema,
     )

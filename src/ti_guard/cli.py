@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from importlib import resources
 
 from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from . import config as config_mod
 from .errors import GuardError, explain
+from .policy import MODES
+from .revisions import alembic_config
 
 EXIT_ERROR = 2
-
-
-def alembic_config(settings, dialect=None, stdout=None) -> Config:
-    """The same revisions `alembic` runs from the repository, shipped inside the package."""
-    cfg = Config(stdout=stdout or sys.stdout)
-    cfg.set_main_option("script_location", str(resources.files("ti_guard.migrations")))
-    cfg.attributes["ti_guard_settings"] = settings
-    cfg.attributes["ti_guard_dialect"] = dialect
-    return cfg
-
-
-def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config(None)).get_current_head()
 
 
 def _settings(args, need_url=True):
@@ -59,24 +46,34 @@ def cmd_uninstall(args) -> int:
     return 0
 
 
-def _checked(settings, run, title) -> int:
+def _checked(settings, run, title, fmt="text") -> int:
     """A Nagios-style check: a heading, one line per finding, the report's code (3 when it cannot run)."""
     try:
         report = run()
     except Exception as exc:  # noqa: BLE001 - unknown is an answer too (Nagios 3)
-        print(f"UNKNOWN: {explain(exc, settings.policy.table)}")
-        return 3
-    print(f"{report.word.upper()}: {title(report)}")
-    for line in report.lines:
+        report, heading = None, explain(exc, settings.policy.table)
+    else:
+        heading = title(report)
+    code, word, lines = (report.code, report.word, report.lines) if report else (3, "unknown", [])
+    if fmt == "json":
+        policy = report.policy if report and report.policy else settings.policy
+        print(json.dumps({
+            "status": word, "code": code, "summary": heading, "url": settings.safe_url, "findings": lines,
+            "mode": policy.mode, "protect": list(policy.protect), "schema": policy.schema, "table": policy.table,
+        }, indent=2))
+        return code
+    print(f"{word.upper()}: {heading}")
+    for line in lines:
         print(f"  {line}")
-    return report.code
+    return code
 
 
 def cmd_status(args) -> int:
     from .lifecycle import status
 
     settings = _settings(args)
-    return _checked(settings, lambda: status(settings), lambda r: f"ti_guard on {settings.safe_url} ({r.policy.describe()})")
+    title = lambda r: f"ti_guard on {settings.safe_url} ({r.policy.describe()})"  # noqa: E731
+    return _checked(settings, lambda: status(settings), title, args.format)
 
 
 def cmd_doctor(args) -> int:
@@ -84,7 +81,23 @@ def cmd_doctor(args) -> int:
 
     settings = _settings(args)
     explicit = args.mode is not None or args.protect is not None
-    return _checked(settings, lambda: doctor(settings, explicit_policy=explicit), lambda r: f"ti-guard doctor on {settings.safe_url}")
+    return _checked(settings, lambda: doctor(settings, explicit_policy=explicit), lambda r: f"ti-guard doctor on {settings.safe_url}", args.format)
+
+
+def cmd_report(args) -> int:
+    from . import report
+    from .lifecycle import report as gather
+
+    settings = _settings(args)
+    since = report.parse_since(args.since)
+    found = gather(settings, since)
+    if args.format == "json":
+        print(report.as_json(found))
+    elif args.format == "prometheus":
+        print(report.as_prometheus(found), end="")
+    else:
+        print(report.as_text(found, settings.safe_url))
+    return found.status_code
 
 
 def cmd_sql(args) -> int:
@@ -131,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schema", help="schema of task_instance (PostgreSQL; default: Airflow's setting)")
         p.add_argument("--table", help=argparse.SUPPRESS)
         if policy:
-            p.add_argument("--mode", choices=("ignore", "raise"), help="ignore (default): a refused row is kept as it was; raise: a racy skip route fails its statement (rules that Airflow's scheduler meets only ever keep)")
+            p.add_argument("--mode", choices=MODES, help="ignore (default): a refused row is kept as it was and recorded; raise: a racy skip route fails its statement (rules that Airflow's scheduler meets only ever keep); audit: every write goes through and each one the guard would refuse is recorded")
             p.add_argument("--protect", help="comma-separated states a skip may not overwrite (default running,success,failed)")
         if lock:
             p.add_argument("--lock-timeout", type=float, help="seconds to wait for the table lock per attempt (default 2)")
@@ -145,10 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_uninstall)
     p = sub.add_parser("status", help="installed/current (0), installed/outdated (1), missing (2), unknown (3)")
     common(p, policy=False)
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("doctor", help="preflight: server, privileges, Airflow's tables, lock risk, binary log, definer, what install would do")
     common(p, lock=True)
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("report", help="what the guard refused: counts by day, rule and old state, top DAGs and tasks, the latest refusals (exits as status)")
+    common(p, policy=False)
+    p.add_argument("--since", default="24h", help="how far back: 30m, 24h (default), 7d, 2w")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("sql", help="print the DDL for review or for a DBA")
     common(p)
     p.add_argument("--dialect", choices=("postgresql", "mysql", "sqlite"))

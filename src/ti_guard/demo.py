@@ -12,7 +12,8 @@ from . import airflow_writes as aw
 from .airflow_shape import task_instance_table
 from .config import resolve
 from .db import make_engine
-from .lifecycle import install
+from .lifecycle import install, report
+from .report import as_text, parse_since
 
 DAG, RUN = "branchy", "manual__2026-11-23T10:00:00+00:00"
 # task -> state before the branch decision lands
@@ -64,6 +65,9 @@ def run() -> int:
         table.metadata.create_all(engine)
         print(f"Airflow-shaped metadata DB: {url}")
         _replay(engine, table, "without ti-guard")
+        for line in install(resolve(url=url, mode="audit"), explicit_policy=True):
+            print(f"  {line}")
+        _replay(engine, table, "with ti-guard, mode=audit: every write goes through, what would be refused is recorded")
         for line in install(resolve(url=url, mode="raise"), explicit_policy=True):
             print(f"  {line}")
         _replay(engine, table, "with ti-guard, mode=raise: the statement fails, nothing is overwritten")
@@ -71,4 +75,7 @@ def run() -> int:
             print(f"  {line}")
         _replay(engine, table, "with ti-guard, mode=ignore: guarded rows are left as they were, the rest is skipped")
         engine.dispose()
+        print("\n== ti-guard report (what the guard recorded above; raise mode's refusals rolled back with their statement)")
+        settings = resolve(url=url)
+        print(as_text(report(settings, parse_since("1h")), settings.safe_url))
     return 0

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 
-from . import catalog
+from . import catalog, record
 from .airflow_shape import AIRFLOW_3_COLUMNS
-from .policy import Policy
 from .db import run_sql
+from .policy import RECORD_TABLE, Policy
 from .render import GuardObject, dialect_name, render
 
 
@@ -77,7 +77,9 @@ def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObj
     objects = expected(conn, policy, catalog.table_columns(conn, policy))
     installed = catalog.read(conn, policy)
     orphaned = {name for name, _ in catalog.missing_definers(conn, installed.values()) or ()}
-    steps = []
+    # The record before the triggers that write it: on MySQL and SQLite a trigger whose table is
+    # missing fails every statement that fires it.
+    steps = _record_steps(conn, policy)
     for obj in objects:
         have = installed.get(obj.name)
         if have is None:
@@ -103,6 +105,8 @@ def install(op: Operations, policy: Policy) -> list[str]:
     if _offline(op):
         objects = expected(ctx, policy)
         emit(op, _compiled(op, sa.schema.CreateTable(settings)))
+        for statement in _record_create(op, policy):
+            emit(op, statement)
         for obj in objects:
             emit(op, obj.create, obj.compound)
         emit(op, _compiled(op, settings.insert().values(_settings_row(policy, objects, sa.func.current_timestamp()))))
@@ -115,21 +119,85 @@ def install(op: Operations, policy: Policy) -> list[str]:
     return [step.describe() for step in steps]
 
 
+def _record_create(op: Operations, policy: Policy, table: sa.Table | None = None) -> list[str]:
+    """The record's DDL and the ring's fill (record.py): all of it, or one table's."""
+    out = []
+    if _dialect(op) == "postgresql" and table is None:
+        out.append(_compiled(op, sa.schema.CreateSequence(record.sequence(policy))))
+    for each in record.tables(policy):
+        if table is None or each.name == table.name:
+            out.append(_compiled(op, sa.schema.CreateTable(each)))
+            out += [_compiled(op, sa.schema.CreateIndex(index)) for index in each.indexes]
+            if each.name == RECORD_TABLE:
+                out.append(_compiled(op, record.fill(each)))
+    return out
+
+
+def _record_steps(conn: sa.Connection, policy: Policy) -> list[Step]:
+    """Make what is missing of the record; re-create a table that was altered (its rows are
+    diagnostics, not Airflow's data: the step says they are gone)."""
+    op = operations(conn)
+    steps = []
+    for finding in record.check(conn, policy):
+        if finding.table is None:
+            sequence = record.sequence(policy)
+            steps.append(Step("created", "sequence", sequence.name, (_compiled(op, sa.schema.CreateSequence(sequence)),)))
+        elif finding.missing:
+            steps.append(Step("created", "table", finding.table.name, tuple(_record_create(op, policy, finding.table))))
+        else:
+            drop = _compiled(op, sa.schema.DropTable(finding.table))
+            statements = (drop, *_record_create(op, policy, finding.table))
+            steps.append(Step("replaced", "table", finding.table.name, statements, "it had been altered; its earlier rows are gone"))
+    return steps
+
+
 def uninstall(op: Operations, policy: Policy) -> list[str]:
     settings = catalog.settings_table(policy)
     if _offline(op):
         for obj in reversed(expected(op.get_context(), policy)):
             emit(op, obj.drop)
+        for statement in _record_drop(op, policy):
+            emit(op, statement)
         emit(op, _compiled(op, sa.schema.DropTable(settings, if_exists=True)))
         return []
     conn = op.get_bind()
     steps = _drops(conn.dialect, policy, catalog.read(conn, policy), keep=set())
     _run(op, steps)
     done = [step.describe() for step in steps]
-    if sa.inspect(conn).has_table(settings.name, schema=settings.schema):
+    inspector = sa.inspect(conn)
+    for table in record.tables(policy):
+        if inspector.has_table(table.name, schema=table.schema):
+            emit(op, _compiled(op, sa.schema.DropTable(table)))
+            done.append(f"dropped table {table.name}")
+    if dialect_name(conn.dialect.name) == "postgresql" and inspector.has_sequence(record.sequence(policy).name, schema=policy.db_schema):
+        emit(op, _compiled(op, sa.schema.DropSequence(record.sequence(policy))))
+        done.append(f"dropped sequence {record.sequence(policy).name}")
+    if inspector.has_table(settings.name, schema=settings.schema):
         emit(op, _compiled(op, sa.schema.DropTable(settings)))
         done.append(f"dropped table {settings.name}")
     return done
+
+
+def discard_unused_record(conn: sa.Connection, policy: Policy) -> None:
+    """After a failed install on MySQL (each DDL statement commits on its own): drop a record
+    that no guard object uses and that holds no refusal, so nothing half-made is left."""
+    if catalog.read(conn, policy) or any(f.missing for f in record.check(conn, policy) if f.table is not None):
+        return
+    details, counts = record.tables(policy)
+    used = conn.execute(sa.select(sa.func.count()).select_from(details).where(details.c.seq.is_not(None))).scalar()
+    if used or conn.execute(sa.select(sa.func.count()).select_from(counts)).scalar():
+        return
+    op = operations(conn)
+    for statement in _record_drop(op, policy):
+        emit(op, statement)
+    conn.commit()
+
+
+def _record_drop(op: Operations, policy: Policy) -> list[str]:
+    out = [_compiled(op, sa.schema.DropTable(table, if_exists=True)) for table in record.tables(policy)]
+    if _dialect(op) == "postgresql":
+        out.append(_compiled(op, sa.schema.DropSequence(record.sequence(policy), if_exists=True)))
+    return out
 
 
 def _run(op: Operations, steps: list[Step]) -> None:
@@ -147,7 +215,7 @@ def _drops(dialect, policy: Policy, installed: dict, keep: set) -> list[Step]:
 def _drop_sql(dialect, policy: Policy, obj: catalog.Installed) -> str:
     name = _qualified(dialect, policy, obj.name)
     if obj.kind == "function":
-        return f"DROP FUNCTION IF EXISTS {name}()"
+        return f"DROP FUNCTION IF EXISTS {name}({obj.arguments})"
     if dialect_name(dialect.name) == "postgresql":
         return f"DROP TRIGGER IF EXISTS {_ident(dialect, obj.name)} ON {_table(dialect, policy)}"
     return f"DROP TRIGGER IF EXISTS {name}" if dialect_name(dialect.name) == "mysql" else f"DROP TRIGGER IF EXISTS {_ident(dialect, obj.name)}"

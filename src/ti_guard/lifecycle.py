@@ -12,10 +12,10 @@ from dataclasses import replace
 from alembic import command
 
 from . import catalog, installation
-from .cli import alembic_config, head_revision
 from .db import make_engine, with_lock_retries
 from .migration_env import drop_version_table
 from .policy import Policy
+from .revisions import alembic_config, head_revision
 from .status import Report, check
 
 
@@ -32,7 +32,11 @@ def install(settings, explicit_policy: bool) -> list[str]:
             # No --mode/--protect given: keep what is installed rather than reset it.
             settings = replace(settings, policy=recorded)
         command.upgrade(alembic_config(settings), "head")
-        done = with_lock_retries(engine, settings, lambda conn: _reconcile(conn, lambda op: installation.install(op, settings.policy)))
+        try:
+            done = with_lock_retries(engine, settings, lambda conn: _reconcile(conn, lambda op: installation.install(op, settings.policy)))
+        except Exception:
+            with_lock_retries(engine, settings, lambda conn: installation.discard_unused_record(conn, settings.policy))
+            raise
     finally:
         engine.dispose()
     return done + [f"ti_guard installed on {settings.safe_url}: {settings.policy.describe()}"]
@@ -78,6 +82,19 @@ def status(settings) -> Report:
     try:
         with engine.connect() as conn:
             return check(conn, settings.policy, head_revision())
+    finally:
+        engine.dispose()
+
+
+def report(settings, since):
+    """The record of refusals over `since`, with the guard's status (whose code report exits with)."""
+    from .report import gather
+
+    engine = make_engine(settings.url)
+    try:
+        with engine.connect() as conn:
+            found = check(conn, settings.policy, head_revision())
+            return gather(conn, found.policy or settings.policy, since, found)
     finally:
         engine.dispose()
 

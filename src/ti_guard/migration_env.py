@@ -13,6 +13,7 @@ from alembic.util import CommandError
 
 from . import catalog
 from . import config as config_mod
+from . import installation
 from .db import lock_timeout_statement, make_engine, with_lock_retries
 from .errors import GuardError
 from .policy import VERSION_TABLE
@@ -77,8 +78,9 @@ def run_online(settings) -> None:
     try:
         with_lock_retries(engine, settings, lambda conn: _migrate(conn, settings, dialect))
     except GuardError:
-        # MySQL commits each DDL statement: do not leave an empty version table behind.
+        # MySQL commits each DDL statement: do not leave an empty version table or record behind.
         with_lock_retries(engine, settings, lambda conn: drop_version_table(conn, settings.policy, only_if_empty=True))
+        with_lock_retries(engine, settings, lambda conn: installation.discard_unused_record(conn, settings.policy))
         raise
     finally:
         engine.dispose()

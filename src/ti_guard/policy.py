@@ -43,13 +43,24 @@ AIRFLOW_STATES = (
     "awaiting_input",
 )
 DEFAULT_PROTECT = ("running", "success", "failed")
-MODES = ("ignore", "raise")
-# ignore: nothing Airflow does ever fails because of the guard (README, "Which mode").
+# ignore: a refused write leaves the row as it was and is recorded; nothing Airflow does ever
+# fails because of the guard (README, "Which mode"). raise: the racy skip routes fail their
+# statement. audit: every write goes through and each one the guard would refuse is recorded,
+# the first step of a rollout (docs/rollout.md).
+MODES = ("ignore", "raise", "audit")
 DEFAULT_MODE = "ignore"
+# What a rule does to a write it matches: fail the statement, keep the row as it was (and record
+# it), or let it through (and record it).
+RAISE, KEEP, AUDIT = "raise", "keep", "audit"
 DEFAULT_TABLE = "task_instance"
 PREFIX = "ti_guard"
 SETTINGS_TABLE = "ti_guard_settings"
 VERSION_TABLE = "ti_guard_alembic_version"
+# The record of refusals (record.py): a ring of details, counts per day kept for good.
+RECORD_TABLE = "ti_guard_refusals"
+COUNTS_TABLE = "ti_guard_refusal_counts"
+RECORD_SEQUENCE = "ti_guard_refusal_seq"
+RECORD_ROWS = 10_000
 # Columns the guard reads; present in Airflow 2.3+ and 3.x.
 REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_date", "end_date")
 
@@ -220,7 +231,7 @@ class Policy:
         """Validate user input into a Policy; every refusal names the cause and the fix."""
         mode = (mode or DEFAULT_MODE).strip().lower()
         if mode not in MODES:
-            raise GuardError(f"unknown mode {mode!r}: use 'ignore' or 'raise' (-x mode=, TI_GUARD_MODE, --mode)")
+            raise GuardError(f"unknown mode {mode!r}: use 'ignore', 'raise' or 'audit' (-x mode=, TI_GUARD_MODE, --mode)")
         return cls(
             protect=parse_states(protect),
             mode=mode,
@@ -240,15 +251,20 @@ class Policy:
     def describe(self) -> str:
         return f"mode={self.mode} protect={self.protect_csv}"
 
-    def rules(self, columns=None) -> list[tuple[Rule, tuple[str, ...], bool]]:
-        """(rule, old states, raises) for every rule that applies to this table and protect list."""
+    def rules(self, columns=None) -> list[tuple[Rule, tuple[str, ...], str]]:
+        """(rule, old states, action) for every rule that applies to this table and protect list."""
         generation = airflow_generation(columns)
         out = []
         for rule in RULES:
             olds = rule.olds(self.protect, generation)
             if olds and generation in rule.airflow:
-                out.append((rule, olds, rule.may_raise and self.mode == "raise"))
+                out.append((rule, olds, self.action(rule)))
         return out
+
+    def action(self, rule: Rule) -> str:
+        if self.mode == "audit":
+            return AUDIT
+        return RAISE if rule.may_raise and self.mode == "raise" else KEEP
 
 
 def parse_states(value) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from . import catalog
+from . import catalog, record
 from .installation import definition_id, expected
 from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
@@ -65,6 +65,8 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
     for name in stale:
         report.worse(WARNING, f"{installed[name].kind} {name} is not part of the expected guard (left from another definition or setting): run ti-guard install")
+    for finding in record.check(conn, policy):
+        report.worse(CRITICAL if finding.critical else WARNING, finding.line)
     if dialect_name(conn.dialect.name) == "mysql":
         _check_definers(conn, installed, report)
     version = catalog.revision(conn, VERSION_TABLE, policy.db_schema)

@@ -11,7 +11,7 @@ import time
 import sqlalchemy as sa
 
 from ti_guard import catalog, installation
-from ti_guard.cli import head_revision
+from ti_guard.revisions import head_revision
 from ti_guard.policy import SETTINGS_TABLE, VERSION_TABLE, Policy
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, STAMPS_START, Policy, short_hash
+from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNTS_TABLE, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
 from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
@@ -89,10 +89,16 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
     rules = enforced_rules("mysql", policy, columns)
     targets = list(dict.fromkeys(rule.new_state for rule, _, _ in rules))
 
+    def act(rule, action: str) -> str:
+        if action == RAISE:
+            return refuse
+        recorded = _record(q, rule.name, action)
+        return recorded if action == AUDIT else f"{recorded}\n{keep(rule)}"
+
     def rules_for(target: str) -> str:
         return "\n".join(
-            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(refuse if raises else keep(rule)), 0)
-            for rule, olds, raises in rules if rule.new_state == target
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(act(rule, action)), 0)
+            for rule, olds, action in rules if rule.new_state == target
         )
 
     if len(targets) == 1:
@@ -113,6 +119,26 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             compound=True,
         )
     ]
+
+
+def _record(q: Quoter, rule: str, action: str) -> str:
+    """Write the refusal to the record (record.py). UUID_SHORT() is the server's own counter: it
+    numbers refusals without a lock, and its value modulo the ring's size names the slot. The
+    handler keeps a failed record from failing Airflow's write."""
+    values = f"{q.literal(rule)}, {q.literal(action)}"
+    return (
+        "BEGIN\n"
+        "    DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END;\n"
+        "    SET @ti_guard_seq = UUID_SHORT();\n"
+        f"    UPDATE {q.qualified(RECORD_TABLE)} SET seq = @ti_guard_seq, refused_at = UTC_TIMESTAMP(6), rule = {q.literal(rule)},\n"
+        f"        action = {q.literal(action)}, old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,\n"
+        "        run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()\n"
+        f"    WHERE slot = @ti_guard_seq MOD {RECORD_ROWS};\n"
+        f"    INSERT INTO {q.qualified(COUNTS_TABLE)} (day, rule, action, old_state, new_state, connection_id, refusals)\n"
+        f"    VALUES (UTC_DATE(), {values}, OLD.state, NEW.state, CONNECTION_ID(), 1)\n"
+        "    ON DUPLICATE KEY UPDATE refusals = refusals + 1;\n"
+        "END;"
+    )
 
 
 def _bypassable(action: str) -> str:

@@ -21,13 +21,24 @@ from __future__ import annotations
 
 from sqlalchemy.dialects import postgresql
 
-from ..policy import BUMPS_TRY_NUMBER, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy, short_hash
+from ..policy import (
+    BUMPS_TRY_NUMBER,
+    COUNTS_TABLE,
+    ENDS_WITHOUT_NEXT_METHOD,
+    RECORD_ROWS,
+    RECORD_SEQUENCE,
+    RECORD_TABLE,
+    STAMPS_START,
+    Policy,
+    short_hash,
+)
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
 BYPASS_SETTING = "ti_guard.bypass"
 SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER})
 
-# TG_ARGV[0]: raise | keep | mark | keep_unmarked; TG_ARGV[1]: the rule's name.
+# TG_ARGV[0]: raise | keep | audit | mark; TG_ARGV[1]: the rule's name; TG_ARGV[2], when given:
+# the row is let through if the companion `mark` trigger marked it for this statement.
 _BODY = """
 BEGIN
     IF current_setting('ti_guard.bypass', true) = 'on' THEN
@@ -37,12 +48,9 @@ BEGIN
         PERFORM set_config('ti_guard.finish', concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()), true);
         RETURN NEW;
     END IF;
-    IF TG_ARGV[0] = 'keep_unmarked' THEN
-        IF current_setting('ti_guard.finish', true) = concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()) THEN
-            PERFORM set_config('ti_guard.finish', '', true);
-            RETURN NEW;
-        END IF;
-        RETURN OLD;
+    IF TG_NARGS > 2 AND current_setting('ti_guard.finish', true) = concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()) THEN
+        PERFORM set_config('ti_guard.finish', '', true);
+        RETURN NEW;
     END IF;
     IF TG_ARGV[0] = 'raise' THEN
         RAISE EXCEPTION USING
@@ -52,35 +60,79 @@ BEGIN
             DETAIL = format('Rule %s: a task instance that a worker started or that finished is not overwritten by another writer.', TG_ARGV[1]),
             HINT = 'For a deliberate repair: SET LOCAL ti_guard.bypass = ''on'' in the same transaction, or ti-guard set-state.';
     END IF;
+    BEGIN
+        EXECUTE format('SELECT %I.{record}($1, $2, $3, $4, $5, $6, $7, $8, $9)', TG_TABLE_SCHEMA)
+            USING TG_TABLE_SCHEMA, TG_ARGV[1], TG_ARGV[0], OLD.state, NEW.state, OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'ti_guard: could not record a refusal (%): %', SQLSTATE, SQLERRM;
+    END;
+    IF TG_ARGV[0] = 'audit' THEN
+        RETURN NEW;
+    END IF;
     RETURN OLD;
 END
 """
 
+# SECURITY DEFINER: the installer owns the record, and Airflow's account may hold no privilege
+# on it. The record lives in the guarded table's schema, which the trigger passes (TG_TABLE_SCHEMA)
+# because the offline SQL cannot know it; pg_catalog stays first, so nothing there is shadowed.
+_RECORD_BODY = """
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', p_schema), true);
+    n := nextval('{sequence}');
+    UPDATE {details} SET seq = n, refused_at = statement_timestamp() AT TIME ZONE 'UTC',
+        rule = p_rule, action = p_action, old_state = p_old_state, new_state = p_new_state,
+        dag_id = p_dag_id, task_id = p_task_id, run_id = p_run_id, map_index = p_map_index,
+        writer_user = session_user, writer_application = current_setting('application_name', true),
+        writer_address = host(inet_client_addr()), writer_pid = pg_backend_pid()
+    WHERE slot = n % {rows};
+    INSERT INTO {counts} AS c (day, rule, action, old_state, new_state, connection_id, refusals)
+    VALUES ((statement_timestamp() AT TIME ZONE 'UTC')::date, p_rule, p_action, p_old_state, p_new_state, pg_backend_pid(), 1)
+    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = c.refusals + 1;
+END
+"""
+_RECORD_ARGS = (
+    "p_schema text, p_rule text, p_action text, p_old_state text, p_new_state text, "
+    "p_dag_id text, p_task_id text, p_run_id text, p_map_index integer"
+)
+
+
+def _function(q: Quoter, role: str, args: str, returns: str, body: str, config: str) -> GuardObject:
+    name = f"ti_guard_{role}_{short_hash(args, body, config)}"
+    fn = q.qualified(name)
+    return GuardObject(
+        kind="function",
+        name=name,
+        create=(
+            f"CREATE OR REPLACE FUNCTION {fn}({args}) RETURNS {returns}\n"
+            f"    LANGUAGE plpgsql\n    {config}\nAS $ti_guard$\n{body}\n$ti_guard$"
+        ),
+        drop=f"DROP FUNCTION IF EXISTS {fn}({args})",
+        definition=body,
+        compound=True,
+    )
+
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
     q = Quoter(postgresql.dialect(), policy)
-    body = _BODY.strip("\n")
     config = "SET search_path = pg_catalog, pg_temp"
-    fn_name = f"ti_guard_guard_{short_hash(body, config)}"
-    fn = q.qualified(fn_name)
-    objects = [
-        GuardObject(
-            kind="function",
-            name=fn_name,
-            create=(
-                f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger\n"
-                f"    LANGUAGE plpgsql\n    {config}\nAS $ti_guard$\n{body}\n$ti_guard$"
-            ),
-            drop=f"DROP FUNCTION IF EXISTS {fn}()",
-            definition=body,
-            compound=True,
-        )
-    ]
+    record = _function(
+        q, "record", _RECORD_ARGS, "void",
+        _RECORD_BODY.strip("\n").format(
+            sequence=RECORD_SEQUENCE, details=q.ident(RECORD_TABLE), counts=q.ident(COUNTS_TABLE), rows=RECORD_ROWS,
+        ),
+        f"SECURITY DEFINER\n    {config}",
+    )
+    guard = _function(q, "guard", "", "trigger", _BODY.strip("\n").replace("{record}", record.name), config)
+    fn_name, fn = guard.name, q.qualified(guard.name)
+    objects = [record, guard]
 
-    def trigger(role: str, column: str, condition: str, action: str, rule: str) -> GuardObject:
+    def trigger(role: str, column: str, condition: str, *args: str) -> GuardObject:
         tail = (
             f"BEFORE UPDATE OF {q.ident(column)} ON {q.table}\n"
-            f"    FOR EACH ROW\n    WHEN ({condition})\n    EXECUTE FUNCTION {fn}({q.literal(action)}, {q.literal(rule)})"
+            f"    FOR EACH ROW\n    WHEN ({condition})\n    EXECUTE FUNCTION {fn}({q.in_list(args)})"
         )
         name = f"ti_guard_{role}_{short_hash(tail)}"
         return GuardObject(
@@ -91,14 +143,14 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             definition=fn_name,
         )
 
-    for rule, olds, raises in enforced_rules("postgresql", policy, columns):
+    for rule, olds, action in enforced_rules("postgresql", policy, columns):
         condition = rule_condition(q, rule, olds, same="{a} IS NOT DISTINCT FROM {b}")
         if rule.signature in SIGNATURE_COLUMN:
-            objects.append(trigger(rule.name, SIGNATURE_COLUMN[rule.signature], condition, "raise" if raises else "keep", rule.name))
+            objects.append(trigger(rule.name, SIGNATURE_COLUMN[rule.signature], condition, action, rule.name))
         elif rule.signature == ENDS_WITHOUT_NEXT_METHOD:
             # Same-event triggers fire in name order: "..._finish_" before "..._keep_" (the mark is
             # set before it is read), and racy_skip before set_state_skip (so a racy write that
             # also matches this WHEN, on a clock tick equal to the old start, raises in raise mode).
             objects.append(trigger(f"{rule.name}_finish", "next_method", condition, "mark", rule.name))
-            objects.append(trigger(f"{rule.name}_keep", "state", condition, "keep_unmarked", rule.name))
+            objects.append(trigger(f"{rule.name}_keep", "state", condition, action, rule.name, "unless_marked"))
     return objects

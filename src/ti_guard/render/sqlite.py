@@ -15,7 +15,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import sqlite
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, STAMPS_START, Policy, short_hash
+from ..policy import BUMPS_TRY_NUMBER, COUNTS_TABLE, KEEP, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
 SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER})
@@ -26,19 +26,20 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
         raise GuardError("a schema is not supported on SQLite (triggers live in the database of their table); drop the schema setting")
     q = Quoter(sqlite.dialect(), policy)
     objects = []
-    for rule, olds, raises in enforced_rules("sqlite", policy, columns):
-        if raises:
+    for rule, olds, action in enforced_rules("sqlite", policy, columns):
+        if action == RAISE:
             message = (
                 f"ti_guard: refused a transition to {rule.new_state} from {', '.join(olds)} by {rule.name}"
                 " (a task instance that a worker started or that finished is not overwritten by another writer)"
             )
-            action = f"RAISE(ABORT, {q.literal(message)})"
+            steps = f"    SELECT RAISE(ABORT, {q.literal(message)});"
         else:
-            action = "RAISE(IGNORE)"
+            # RAISE(IGNORE) rolls nothing back: the record written before it stays.
+            steps = _record(q, rule.name, action) + ("\n    SELECT RAISE(IGNORE);" if action == KEEP else "")
         tail = (
             f"BEFORE UPDATE OF {q.ident(SIGNATURE_COLUMN[rule.signature])} ON {q.ident(policy.table)}\n"
             f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}')}\n"
-            f"BEGIN\n    SELECT {action};\nEND"
+            f"BEGIN\n{steps}\nEND"
         )
         name = f"ti_guard_{rule.name}_{short_hash(tail)}"
         create = f"CREATE TRIGGER {q.ident(name)} {tail}"
@@ -53,3 +54,19 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             )
         )
     return objects
+
+
+def _record(q: Quoter, rule: str, action: str) -> str:
+    """Write the refusal to the record (record.py). SQLite has one writer at a time, so the next
+    number is the last one + 1 (an index on seq makes MAX cheap); the writer is not known here."""
+    details, counts = q.ident(RECORD_TABLE), q.ident(COUNTS_TABLE)
+    following = f"(SELECT COALESCE(MAX(seq), 0) + 1 FROM {details})"
+    return (
+        f"    UPDATE {details} SET seq = {following}, refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),\n"
+        f"        rule = {q.literal(rule)}, action = {q.literal(action)}, old_state = OLD.state, new_state = NEW.state,\n"
+        "        dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index\n"
+        f"    WHERE slot = {following} % {RECORD_ROWS};\n"
+        f"    INSERT INTO {counts} (day, rule, action, old_state, new_state, connection_id, refusals)\n"
+        f"    VALUES (date('now'), {q.literal(rule)}, {q.literal(action)}, OLD.state, NEW.state, 0, 1)\n"
+        "    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = refusals + 1;"
+    )
