@@ -1,4 +1,5 @@
-"""One real Airflow deployment: api-server, scheduler, dag-processor, triggerer on a scratch metadata DB.
+"""One real Airflow deployment: api-server, scheduler, dag-processor, triggerer on a scratch metadata DB
+(Airflow 2: webserver and scheduler, REST API v1 with basic auth of a user `airflow users create` made).
 
 `Deployment` starts every component as a process group of its own, each writing to its own log
 file in the work dir, with LocalExecutor; talks to the public REST API (a token from the simple
@@ -202,6 +203,9 @@ class Deployment:
             "TI_GUARD_DEPLOY_MARKERS": str(self.markers),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.major == 2:  # the FAB auth manager (Airflow 2's default) brings `airflow users` and basic auth
+            for key in ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
+                self.env.pop(key)
         say(f"{self.tag} airflow db migrate ({self.url.rsplit('/', 1)[-1].split('?')[0]})")
         rc = self.airflow_cli("db", "migrate", timeout=900)
         if rc != 0:
