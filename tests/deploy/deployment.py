@@ -351,6 +351,15 @@ class Deployment:
             rows = conn.execute(sa.text("SELECT job_type, MAX(latest_heartbeat) FROM job WHERE state = 'running' GROUP BY job_type")).all()
         return {job_type: utc(beat) for job_type, beat in rows}
 
+    def refusals(self) -> dict:
+        """'rule action' -> writes the guard's record counted so far (empty without the guard's record)."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT rule, action, SUM(refusals) FROM ti_guard_refusal_counts GROUP BY rule, action")).all()
+        except sa.exc.DBAPIError:
+            return {}
+        return {f"{rule} {action}": int(n) for rule, action, n in rows}
+
     def run_state(self, dag_id: str, run_id: str):
         with self.engine.connect() as conn:
             return conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r"), {"d": dag_id, "r": run_id}).scalar()
@@ -726,6 +735,7 @@ def run_deployment(version: str, backend: str, admin_url: str, cases, variants, 
             out["guard"] = dep.guard(variant)
             offsets = dep.log_offsets()
             beats_before = dep.heartbeats()
+            recorded_before = dep.refusals()
             rid = f"tg_{variant}_{uuid.uuid4().hex[:6]}"
             dep.deadline = time.monotonic() + VARIANT_TIMEOUT
             say(f"{dep.tag} variant {variant}: {out['guard']['command']} -> rc {out['guard']['rc']}; cases {', '.join(cases)} ({rid})")
@@ -739,6 +749,8 @@ def run_deployment(version: str, backend: str, admin_url: str, cases, variants, 
             for case in out["cases"].values():
                 case["final"] = {label: {"run": dep.run_state(*run), "tis": dep.tis(*run)} for label, run in case.get("runs", {}).items()}
             out["exited"] = dep.exited()
+            # What the guard kept or refused during the variant, from its own record (shown, not asserted).
+            out["recorded"] = {k: n - recorded_before.get(k, 0) for k, n in dep.refusals().items() if n != recorded_before.get(k, 0)}
             beats_after = dep.heartbeats()
             now = now_utc()
             sched_before, sched_after = beats_before.get("SchedulerJob"), beats_after.get("SchedulerJob")
