@@ -23,7 +23,7 @@ import conftest as main_conftest
 
 pytestmark = pytest.mark.airflow
 
-VERSIONS = tuple(v.strip() for v in os.environ.get("TI_GUARD_AIRFLOW_VERSIONS", "3.3.2,3.1.8").split(",") if v.strip())
+VERSIONS = tuple(v.strip() for v in os.environ.get("TI_GUARD_AIRFLOW_VERSIONS", "3.3.2,3.1.8,2.11.2").split(",") if v.strip())
 BACKENDS = main_conftest.BACKENDS
 RESULTS = Path(os.environ.get("TI_GUARD_COMPAT_RESULTS", harness.REPO / ".pytest_cache" / "ti-guard-compat.json"))
 # The states each DAG is written to produce; a scenario that stopped producing its skip would test nothing.

@@ -15,6 +15,7 @@ TI_GUARD_UPGRADE_CHAIN (default 2.10.5,2.11.2,3.1.8,3.3.2) and TI_GUARD_UPGRADE_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.airflow
 CHAIN = tuple(v.strip() for v in os.environ.get("TI_GUARD_UPGRADE_CHAIN", "2.10.5,2.11.2,3.1.8,3.3.2").split(",") if v.strip())
 BACKENDS = tuple(b.strip() for b in os.environ.get("TI_GUARD_UPGRADE_BACKENDS", "postgresql,sqlite").split(",") if b.strip())
 ADMIN_URLS = {"postgresql": main_conftest.PG_URL, "mysql": main_conftest.MYSQL_URL}
+RESULTS = Path(os.environ.get("TI_GUARD_UPGRADE_RESULTS", harness.REPO / ".pytest_cache" / "ti-guard-upgrade.json"))
 
 
 def _chain(backend: str, guarded: bool, workdir: Path) -> list[dict]:
@@ -52,6 +54,9 @@ def _chain(backend: str, guarded: bool, workdir: Path) -> list[dict]:
                 step["install"] = harness.project_tool("ti-guard", "install", "--url", db.url)[0]
                 step["status_repaired"] = harness.guard_status(db)
                 step["triggers_after_install"] = db.guard_triggers()
+                harness.say(f"[upgrade {backend} guard] {version}: migrate exit {step['migrate_rc']}, Airflow {step['generation']} table, "
+                            f"{step['triggers_left']} trigger(s) left, status exit {step['status']['rc']}, install exit {step['install']}, "
+                            f"then status exit {step['status_repaired']['rc']}")
             steps.append(step)
     finally:
         db.drop()
@@ -67,6 +72,8 @@ def chains(request):
         jobs = [(b, g) for b in BACKENDS for g in (False, True)]
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             results = dict(zip(jobs, pool.map(lambda job: _chain(job[0], job[1], workdir / f"{job[0]}-{job[1]}"), jobs)))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps([{"backend": b, "guard": g, "steps": steps} for (b, g), steps in results.items()], indent=1, default=str))
     yield results
     shutil.rmtree(workdir, ignore_errors=True)
 
