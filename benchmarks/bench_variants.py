@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ti_guard import record
 from ti_guard.airflow_shape import AIRFLOW_3_COLUMNS
 from ti_guard.db import run_sql
 from ti_guard.policy import Policy
@@ -132,15 +133,19 @@ def variants(dialect: str, alternative_timing: bool = True) -> list[Variant]:
         return floors[timing].key
 
     guards = []
-    for mode in ("raise", "ignore"):
+    for mode in ("raise", "ignore", "audit"):
         objects = render(dialect, Policy.build(mode=mode), AIRFLOW_3_COLUMNS)
         guards.append((f"guard {mode}", objects))
         if dialect == "postgresql" and mode == "raise" and alternative_timing:
             # Refusing by raising works from either timing; measure the one not shipped too.
             other = _swap_timing(objects)
             guards.append((f"guard raise {_timing(other)}", other))
+    # The record the guard writes its refusals to (record.py), made with each guard variant: on
+    # SQLite a trigger whose tables are missing fails the statements that fire it.
+    made = record.create_statements(_DIALECTS[dialect](), policy)
+    dropped = record.drop_statements(_DIALECTS[dialect](), policy)
     for key, objects in guards:
-        out.append(Variant(key, [o.create for o in objects], [o.drop for o in reversed(objects)], floor_for(objects), _timing(objects)))
+        out.append(Variant(key, made + [o.create for o in objects], [o.drop for o in reversed(objects)] + dropped, floor_for(objects), _timing(objects)))
     out += list(floors.values())
     create, drop = _naive(dialect, Quoter(_DIALECTS[dialect](), policy), policy.protect)
     out.append(Variant("naive", create, drop))

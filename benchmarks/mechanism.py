@@ -37,6 +37,9 @@ def statements(db: bench_data.BenchDB, runs) -> dict:
         "bulk non-state": sa.update(t).values(last_heartbeat_at=when),
         "bulk state": sa.update(t).values(state="failed", end_date=when),
         "skip route": skips[0],
+        # The racy skip's shape over every running row: each one is refused (raise: the first
+        # fails the statement), kept and recorded (ignore) or let through and recorded (audit).
+        "refused skip": sa.update(t).where(t.c.state == "running").values(state="skipped", start_date=when, end_date=when),
     }
     if db.backend == "mysql":
         # Every fresh run given: one run's 100 rows are too few against the server's own
@@ -56,7 +59,12 @@ def postgresql_counts(db, variant, stmts) -> dict:
             conn.exec_driver_sql("SET track_functions = 'pl'")
             conn.commit()
             lsn = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
-            rows = conn.execute(stmt).rowcount
+            try:
+                rows = conn.execute(stmt).rowcount
+            except sa.exc.DBAPIError:
+                out[name] = "fails (raise)"
+                conn.rollback()
+                continue
             wal = conn.execute(sa.text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), CAST(:l AS pg_lsn))"), {"l": lsn}).scalar()
             calls = conn.exec_driver_sql("SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions").scalar()
             conn.rollback()
@@ -85,8 +93,13 @@ def mysql_counts(server: callgrind_mariadb.Server):
                 conn.rollback()
                 with conn.begin() as trans:
                     rows = []
-                    instructions = server.instructions(lambda: rows.extend(conn.execute(s).rowcount for s in batch))
-                    trans.rollback()
+                    try:
+                        instructions = server.instructions(lambda: rows.extend(conn.execute(s).rowcount for s in batch))
+                    except sa.exc.DBAPIError:
+                        out[name] = "fails (raise)"
+                        continue
+                    finally:
+                        trans.rollback()
             out[name] = f"{instructions / sum(rows):,.0f} Ir/row"
         return out
 

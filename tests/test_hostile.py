@@ -6,6 +6,7 @@ the database as it was. The README's "Hostile and wrong input" table lists these
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,13 +58,16 @@ def odd_place(db):
         db.sql(f"DROP DATABASE {prep.quote_schema(ODD)}")
 
 
-def test_names_with_quotes_spaces_dots_and_upper_case(db, odd_place):
+def test_names_with_quotes_spaces_dots_and_upper_case(db, odd_place, capsys):
     schema, table = odd_place
     where = ([f"--schema={schema}"] if schema else []) + [f"--table={ODD_TABLE}"]
     assert _seed_and_skip(db.engine, table) == "skipped"  # without the guard: overwritten
     assert db.cli("install", *where) == 0
     assert _seed_and_skip(db.engine, table) == "success"
     assert db.cli("status", *where) == 0
+    capsys.readouterr()
+    assert db.cli("report", *where, "--format=json") == 0  # the record sits beside the odd table
+    assert [(c["old_state"], c["refusals"]) for c in json.loads(capsys.readouterr().out)["totals"]] == [("success", 1)]
     assert db.cli("uninstall", *where) == 0
     with db.engine.connect() as conn:
         assert catalog.read(conn, Policy.build(schema=schema, table=ODD_TABLE)) == {}

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from ti_guard import airflow_writes as aw
+from ti_guard.policy import COUNTS_TABLE
 
 T0 = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=timezone.utc)
 T0_WHOLE = T0.replace(microsecond=0)  # what a whole-second clock (MySQL CURRENT_TIMESTAMP) stamps
@@ -134,7 +135,15 @@ def _outcome(db, table, case):
     return before, _row(db, table), error, (None if error else result)
 
 
-@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def _recorded(db) -> int:
+    """Refusals the guard's record has counted so far (none before it is installed)."""
+    with db.engine.connect() as conn:
+        if not sa.inspect(conn).has_table(COUNTS_TABLE):
+            return 0
+        return conn.exec_driver_sql(f"SELECT COALESCE(SUM(refusals), 0) FROM {COUNTS_TABLE}").scalar()
+
+
+@pytest.mark.parametrize("mode", ["raise", "ignore", "audit"])
 def test_policy_table(db, mode):
     table = db.table()
     baseline = {case[0]: _outcome(db, table, case) for case in CASES}
@@ -145,8 +154,14 @@ def test_policy_table(db, mode):
     wrong = []
     for case in CASES:
         name, verdict = case[0], expected_verdict(db.backend, case[5])
+        seen = _recorded(db)
         before, after, error, count = _outcome(db, table, case)
-        if verdict == ALLOWED:
+        # Every write the guard stops is recorded, except a raise: it rolls back with its statement.
+        recorded = _recorded(db) - seen == int(verdict != ALLOWED and not (mode == "raise" and verdict == REFUSED))
+        if mode == "audit":
+            # Nothing is stopped: every write ends as it does without the guard.
+            ok = error is None and after == baseline[name][1] and count == 1
+        elif verdict == ALLOWED:
             ok = error is None and after == baseline[name][1] and count == 1
         elif verdict == KEPT:
             # Never raised, in any mode, and still counted: the scheduler's ORM flush goes on.
@@ -157,8 +172,8 @@ def test_policy_table(db, mode):
             ok = error is not None and "ti_guard: refused" in str(error.orig) and after == before
         else:
             ok = error is None and after == before
-        if not ok:
-            wrong.append(f"{name}: expected {verdict}, got error={error and str(error.orig)[:80]!r} changed={after != before} rowcount={count}")
+        if not (ok and recorded):
+            wrong.append(f"{name}: expected {verdict}, got error={error and str(error.orig)[:80]!r} changed={after != before} rowcount={count} recorded={recorded}")
     assert not wrong, "\n".join(wrong)
 
 

@@ -54,14 +54,15 @@ CREATE TABLE ti_guard_refusal_counts (
 	old_state VARCHAR(20) NOT NULL, 
 	new_state VARCHAR(20) NOT NULL, 
 	connection_id BIGINT NOT NULL, 
+	bucket INTEGER NOT NULL, 
 	refusals BIGINT NOT NULL, 
-	PRIMARY KEY (day, rule, action, old_state, new_state, connection_id)
+	PRIMARY KEY (day, rule, action, old_state, new_state, connection_id, bucket)
 );
 
 
 DELIMITER //
 
-CREATE TRIGGER ti_guard_guard_267ebcc1 BEFORE UPDATE ON task_instance FOR EACH ROW
+CREATE TRIGGER ti_guard_guard_552b32e6 BEFORE UPDATE ON task_instance FOR EACH ROW
 BEGIN
     IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
         IF CAST(NEW.state AS BINARY) = 'skipped' THEN
@@ -81,8 +82,8 @@ BEGIN
                                 action = 'keep', old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,
                                 run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()
                             WHERE slot = @ti_guard_seq MOD 10000;
-                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, refusals)
-                            VALUES (UTC_DATE(), 'racy_skip', 'keep', OLD.state, NEW.state, CONNECTION_ID(), 1)
+                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+                            VALUES (UTC_DATE(), 'racy_skip', 'keep', OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD 1000, 1)
                             ON DUPLICATE KEY UPDATE refusals = refusals + 1;
                         END;
                         SET NEW.state = OLD.state,
@@ -110,8 +111,8 @@ BEGIN
                                 action = 'keep', old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,
                                 run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()
                             WHERE slot = @ti_guard_seq MOD 10000;
-                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, refusals)
-                            VALUES (UTC_DATE(), 'stale_schedule', 'keep', OLD.state, NEW.state, CONNECTION_ID(), 1)
+                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+                            VALUES (UTC_DATE(), 'stale_schedule', 'keep', OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD 1000, 1)
                             ON DUPLICATE KEY UPDATE refusals = refusals + 1;
                         END;
                         SET NEW.state = OLD.state,
@@ -129,7 +130,7 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_267ebcc1', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_552b32e6', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');

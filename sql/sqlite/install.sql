@@ -56,40 +56,41 @@ CREATE TABLE ti_guard_refusal_counts (
 	old_state VARCHAR(20) NOT NULL, 
 	new_state VARCHAR(20) NOT NULL, 
 	connection_id BIGINT NOT NULL, 
+	bucket INTEGER NOT NULL, 
 	refusals BIGINT NOT NULL, 
-	PRIMARY KEY (day, rule, action, old_state, new_state, connection_id)
+	PRIMARY KEY (day, rule, action, old_state, new_state, connection_id, bucket)
 );
 
 
-CREATE TRIGGER ti_guard_racy_skip_11c6620c BEFORE UPDATE OF start_date ON task_instance
+CREATE TRIGGER ti_guard_racy_skip_793fc7bd BEFORE UPDATE OF start_date ON task_instance
 FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed')
 BEGIN
     UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
         rule = 'racy_skip', action = 'keep', old_state = OLD.state, new_state = NEW.state,
         dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index
     WHERE slot = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals) % 10000;
-    INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, refusals)
-    VALUES (date('now'), 'racy_skip', 'keep', OLD.state, NEW.state, 0, 1)
-    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = refusals + 1;
+    INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+    VALUES (date('now'), 'racy_skip', 'keep', OLD.state, NEW.state, 0, (SELECT MAX(seq) FROM ti_guard_refusals) % 1000, 1)
+    ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = refusals + 1;
     SELECT RAISE(IGNORE);
 END;
 
 
-CREATE TRIGGER ti_guard_stale_schedule_6f6999f7 BEFORE UPDATE OF try_number ON task_instance
+CREATE TRIGGER ti_guard_stale_schedule_7c868685 BEFORE UPDATE OF try_number ON task_instance
 FOR EACH ROW WHEN NEW.state = 'scheduled' AND OLD.state IN ('running', 'success', 'failed')
 BEGIN
     UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
         rule = 'stale_schedule', action = 'keep', old_state = OLD.state, new_state = NEW.state,
         dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index
     WHERE slot = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals) % 10000;
-    INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, refusals)
-    VALUES (date('now'), 'stale_schedule', 'keep', OLD.state, NEW.state, 0, 1)
-    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = refusals + 1;
+    INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+    VALUES (date('now'), 'stale_schedule', 'keep', OLD.state, NEW.state, 0, (SELECT MAX(seq) FROM ti_guard_refusals) % 1000, 1)
+    ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = refusals + 1;
     SELECT RAISE(IGNORE);
 END;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_11c6620c,ti_guard_stale_schedule_6f6999f7', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_793fc7bd,ti_guard_stale_schedule_7c868685', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING version_num;

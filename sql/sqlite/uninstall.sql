@@ -5,10 +5,10 @@ PRAGMA busy_timeout = 2000;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_schedule_6f6999f7;
+DROP TRIGGER IF EXISTS ti_guard_stale_schedule_7c868685;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_11c6620c;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_793fc7bd;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

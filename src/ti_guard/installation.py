@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from . import catalog, record
 from .airflow_shape import AIRFLOW_3_COLUMNS
 from .db import run_sql
-from .policy import RECORD_TABLE, Policy
+from .policy import Policy
 from .render import GuardObject, dialect_name, render
 
 
@@ -77,8 +77,8 @@ def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObj
     objects = expected(conn, policy, catalog.table_columns(conn, policy))
     installed = catalog.read(conn, policy)
     orphaned = {name for name, _ in catalog.missing_definers(conn, installed.values()) or ()}
-    # The record before the triggers that write it: on MySQL and SQLite a trigger whose table is
-    # missing fails every statement that fires it.
+    # The record before the triggers that write it: on SQLite a trigger whose table is missing
+    # fails every statement that fires it.
     steps = _record_steps(conn, policy)
     for obj in objects:
         have = installed.get(obj.name)
@@ -120,17 +120,7 @@ def install(op: Operations, policy: Policy) -> list[str]:
 
 
 def _record_create(op: Operations, policy: Policy, table: sa.Table | None = None) -> list[str]:
-    """The record's DDL and the ring's fill (record.py): all of it, or one table's."""
-    out = []
-    if _dialect(op) == "postgresql" and table is None:
-        out.append(_compiled(op, sa.schema.CreateSequence(record.sequence(policy))))
-    for each in record.tables(policy):
-        if table is None or each.name == table.name:
-            out.append(_compiled(op, sa.schema.CreateTable(each)))
-            out += [_compiled(op, sa.schema.CreateIndex(index)) for index in each.indexes]
-            if each.name == RECORD_TABLE:
-                out.append(_compiled(op, record.fill(each)))
-    return out
+    return record.create_statements(op.get_context().dialect, policy, table)
 
 
 def _record_steps(conn: sa.Connection, policy: Policy) -> list[Step]:
@@ -165,13 +155,9 @@ def uninstall(op: Operations, policy: Policy) -> list[str]:
     _run(op, steps)
     done = [step.describe() for step in steps]
     inspector = sa.inspect(conn)
-    for table in record.tables(policy):
-        if inspector.has_table(table.name, schema=table.schema):
-            emit(op, _compiled(op, sa.schema.DropTable(table)))
-            done.append(f"dropped table {table.name}")
-    if dialect_name(conn.dialect.name) == "postgresql" and inspector.has_sequence(record.sequence(policy).name, schema=policy.db_schema):
-        emit(op, _compiled(op, sa.schema.DropSequence(record.sequence(policy))))
-        done.append(f"dropped sequence {record.sequence(policy).name}")
+    done += [f"dropped table {t.name}" for t in record.tables(policy) if inspector.has_table(t.name, schema=t.schema)]
+    for statement in _record_drop(op, policy):
+        emit(op, statement)
     if inspector.has_table(settings.name, schema=settings.schema):
         emit(op, _compiled(op, sa.schema.DropTable(settings)))
         done.append(f"dropped table {settings.name}")
@@ -194,10 +180,7 @@ def discard_unused_record(conn: sa.Connection, policy: Policy) -> None:
 
 
 def _record_drop(op: Operations, policy: Policy) -> list[str]:
-    out = [_compiled(op, sa.schema.DropTable(table, if_exists=True)) for table in record.tables(policy)]
-    if _dialect(op) == "postgresql":
-        out.append(_compiled(op, sa.schema.DropSequence(record.sequence(policy), if_exists=True)))
-    return out
+    return record.drop_statements(op.get_context().dialect, policy)
 
 
 def _run(op: Operations, steps: list[Step]) -> None:

@@ -62,6 +62,10 @@ RECORD_TABLE = "ti_guard_refusals"
 COUNTS_TABLE = "ti_guard_refusal_counts"
 RECORD_SEQUENCE = "ti_guard_refusal_seq"
 RECORD_ROWS = 10_000
+# A writer counts into `seq % COUNT_BUCKETS` of its own rows: one statement refusing many rows
+# then updates each counter row at most 1/COUNT_BUCKETS as often (PostgreSQL keeps every version
+# a transaction makes of a row, so updating one row N times costs N^2/2 reads).
+COUNT_BUCKETS = 1000
 # Columns the guard reads; present in Airflow 2.3+ and 3.x.
 REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_date", "end_date")
 

@@ -7,9 +7,11 @@ Bounded by construction, and written without a lock that two writers could wait 
   the server's lock-free counter; SQLite: the last number + 1, one writer at a time), so the
   table never grows, and two concurrent refusals update two different rows by primary key.
 - `ti_guard_refusal_counts`, exact counts per UTC day, rule, action, old and new state, kept for
-  good. Each writer's connection counts in its own row (`connection_id`), so concurrent refusals
-  never update the same counter, which a shared counter row would make them wait on (and
-  deadlock on, in a transaction that also holds task_instance rows the other needs).
+  good. Each writer's connection counts in rows of its own (`connection_id`), so concurrent
+  refusals never update the same counter, which a shared counter row would make them wait on
+  (and deadlock on, in a transaction that also holds task_instance rows the other needs); and
+  in one of COUNT_BUCKETS rows (`bucket`), so one statement refusing 100k rows does not update
+  one row 100k times. At most COUNT_BUCKETS rows per day, rule, states and connection.
 
 The SQL the triggers run to write here is in each renderer, beside the rest of that backend's
 guard; this module holds the tables, the ring's fill, and what `status` and `report` read.
@@ -64,6 +66,7 @@ def tables(policy: Policy) -> tuple[sa.Table, sa.Table]:
         sa.Column("old_state", sa.String(20), primary_key=True),
         sa.Column("new_state", sa.String(20), primary_key=True),
         sa.Column("connection_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("refusals", sa.BigInteger, nullable=False),
     )
     return details, counts
@@ -85,6 +88,33 @@ def fill(details: sa.Table) -> sa.Insert:
     return details.insert().from_select(["slot"], rows)
 
 
+def create_statements(dialect: sa.engine.Dialect, policy: Policy, only: sa.Table | None = None) -> list[str]:
+    """The record's DDL and the ring's fill, compiled for `dialect`: all of it, or one table's."""
+    def compiled(clause) -> str:
+        return str(clause.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).strip()
+
+    out = []
+    if dialect_name(dialect.name) == "postgresql" and only is None:
+        out.append(compiled(sa.schema.CreateSequence(sequence(policy))))
+    for table in tables(policy):
+        if only is None or table.name == only.name:
+            out.append(compiled(sa.schema.CreateTable(table)))
+            out += [compiled(sa.schema.CreateIndex(index)) for index in table.indexes]
+            if table.name == RECORD_TABLE:
+                out.append(compiled(fill(table)))
+    return out
+
+
+def drop_statements(dialect: sa.engine.Dialect, policy: Policy) -> list[str]:
+    def compiled(clause) -> str:
+        return str(clause.compile(dialect=dialect)).strip()
+
+    out = [compiled(sa.schema.DropTable(table, if_exists=True)) for table in tables(policy)]
+    if dialect_name(dialect.name) == "postgresql":
+        out.append(compiled(sa.schema.DropSequence(sequence(policy), if_exists=True)))
+    return out
+
+
 @dataclass(frozen=True)
 class Finding:
     line: str
@@ -94,11 +124,13 @@ class Finding:
 
 
 def check(conn: sa.Connection, policy: Policy) -> list[Finding]:
-    """What is wrong with the record, if anything. A missing table is critical on MySQL and SQLite,
-    where every statement that fires the trigger opens the tables its body names."""
+    """What is wrong with the record, if anything. A missing table is critical on SQLite, which
+    compiles a trigger's statements with the UPDATE that fires it and fails that UPDATE (worker
+    starts included: they write start_date); PostgreSQL and MySQL turn the record's error into a
+    warning and keep guarding."""
     dialect = dialect_name(conn.dialect.name)
     inspector = sa.inspect(conn)
-    fatal = dialect in ("mysql", "sqlite")
+    fatal = dialect == "sqlite"
     found = []
     for table in tables(policy):
         if not inspector.has_table(table.name, schema=table.schema):

@@ -28,6 +28,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ti_guard import cli
+from ti_guard.config import resolve
+from ti_guard.lifecycle import report
+from ti_guard.report import parse_since
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine, scratch_database
 from ti_guard.policy import DEFAULT_PROTECT
@@ -36,7 +39,8 @@ from ti_guard.render import dialect_name
 from . import observer
 from .workload import SCHEDULABLE, Plan, Race, seed
 
-VARIANTS = ("none", "raise", "ignore")
+VARIANTS = ("none", "raise", "ignore", "audit")
+GUARDING = ("raise", "ignore")  # audit lets every write through: it guards nothing
 # Old states of rows the skip writer may skip, guard or not (the policy does not protect them).
 UNGUARDED = (None, "scheduled", "queued", "up_for_retry", "up_for_reschedule")
 SKIP, SCHEDULE = observer.SKIP_WRITER, observer.SCHEDULE_WRITER
@@ -56,6 +60,11 @@ class Result:
     exits: dict = field(default_factory=dict, repr=False)
     # (run_id, task_id) of every TI whose worker met a 409 on a heartbeat or a finish
     killed: list = field(default_factory=list, repr=False)
+    # (rule, action, old_state) -> refusals, as `ti-guard report` reads them from the guard's record
+    recorded: Counter = field(default_factory=Counter, repr=False)
+
+    def recorded_by(self, rule: str) -> int:
+        return sum(n for (r, _, _), n in self.recorded.items() if r == rule)
 
     def _rows(self, writer, old_states, new_states) -> int:
         return sum(n for (w, o, new, _), n in self.log.items() if w == writer and new in new_states and o in old_states)
@@ -211,19 +220,47 @@ class Result:
         return out
 
     def outcome(self) -> list[str]:
-        """What the run must show: overwrites and kills by both writers without the guard, none with it."""
+        """What the run must show: overwrites and kills by both writers without the guard (and in
+        audit mode, which lets every write through), none with it; the record counts what the guard
+        stopped (or, auditing, would have stopped)."""
         out = []
-        if self.variant == "none":
+        if self.variant in ("none", "audit"):
             if not (self.overwritten and self.overwrites["running"] and self.skip_kills):
-                out.append("the skip writer overwrote nothing without the guard")
+                out.append(f"the skip writer overwrote nothing in variant {self.variant}")
             if not (self.schedule_overwritten and self.schedule_overwrites["running"] and self.schedule_kills):
-                out.append("the schedule writer overwrote nothing without the guard")
+                out.append(f"the schedule writer overwrote nothing in variant {self.variant}")
         elif self.overwritten or self.schedule_overwritten or self.kills:
             out.append(f"guard in {self.variant} mode: {self.overwritten} + {self.schedule_overwritten} overwritten, {self.kills} killed")
-        if self.variant != "none" and not self.scheduled_legitimately:
+        if self.variant in GUARDING and not self.scheduled_legitimately:
             # Unguarded, the skip writer takes most rows first: few are left for it to schedule.
             out.append(f"guard in {self.variant} mode: no row was scheduled legitimately")
+        expected = self.expected_record()
+        if expected is not None and self.record_as(expected) != expected:
+            out.append(f"guard in {self.variant} mode: the record holds {self.record_as(expected)}, the observer and the writers saw {expected}")
         return out
+
+    def record_as(self, expected: dict) -> dict:
+        """The record summed over the same key as `expected` ((rule, action[, old_state]))."""
+        width = len(next(iter(expected), ("", "", "")))
+        summed = Counter()
+        for key, n in self.recorded.items():
+            summed[key[:width]] += n
+        return dict(+summed)
+
+    def expected_record(self) -> dict | None:
+        """What the guard's record must hold, from the observer's log and the writers' own counts:
+        audit, every overwrite by its old state; ignore, every row a statement targeted and the
+        guard kept; raise, the kept schedule rows only (a refused skip rolls back with its record)."""
+        if self.variant == "audit":
+            found = {("racy_skip", "audit", s): n for s, n in self.overwrites.items()}
+            found.update({("stale_schedule", "audit", s): n for s, n in self.schedule_overwrites.items()})
+            return {k: n for k, n in found.items() if n}
+        if self.variant in GUARDING:
+            kept = {("stale_schedule", "keep"): self.schedule_kept}
+            if self.variant == "ignore":
+                kept[("racy_skip", "keep")] = self.unchanged
+            return {k: n for k, n in kept.items() if n}
+        return None
 
     # -- rows of the tables ---------------------------------------------------------------
 
@@ -241,7 +278,7 @@ class Result:
             self.backend, self.variant, self.races, self.targeted,
             f"**{self.overwritten}** ({o['running']}/{o['success']}/{o['failed']})",
             self.skipped_unprotected, self.already_skipped, self.unchanged, self.counts["rows in refused skips"],
-            self.refused, self.skip_kills, self.self_skips,
+            self.refused, self.recorded_by("racy_skip"), self.skip_kills, self.self_skips,
         ]
 
     def schedule_row(self) -> list:
@@ -250,7 +287,7 @@ class Result:
             self.backend, self.variant, self.schedule_races, self.schedule_targeted,
             f"**{self.schedule_overwritten}** ({o['running']}/{o['success']}/{o['failed']})",
             self.scheduled_legitimately, self.scheduled_other, self.schedule_kept, self.counts["schedule refused"],
-            self.schedule_kills,
+            self.recorded_by("stale_schedule"), self.schedule_kills,
         ]
 
 
@@ -258,11 +295,11 @@ HEADER = ["backend", "guard", "skip races", "skip: overwritten (running/success/
           "schedule races", "schedule: overwritten (running/success/failed)", "schedule: running TIs killed",
           "scheduled legitimately", "409s by current_state", "seconds"]
 SKIP_HEADER = ["backend", "guard", "skip races", "rows targeted", "overwritten (running/success/failed)", "scheduled/queued/up_for_* -> skipped",
-               "already skipped", "left unchanged", "rows in refused skips", "skips refused", "running TIs killed (409)",
+               "already skipped", "left unchanged", "rows in refused skips", "skips refused", "in the guard's record", "running TIs killed (409)",
                "self-skips through"]
 SCHEDULE_HEADER = ["backend", "guard", "schedule races", "rows targeted", "overwritten (running/success/failed)",
                    "NULL/up_for_retry/up_for_reschedule -> scheduled", "scheduled/queued/skipped -> scheduled", "kept by the guard",
-                   "statements refused", "running TIs killed (409)"]
+                   "statements refused", "in the guard's record", "running TIs killed (409)"]
 
 
 def table(results: list[Result], header=HEADER, row=Result.row) -> str:
@@ -315,7 +352,11 @@ def run_variant(url: str, variant: str, plan: Plan) -> Result:
         with engine.connect() as conn:
             log = observer.transitions(conn)
             exits = observer.left_running(conn)
-        return Result(dialect_name(engine.dialect.name), variant, plan, seconds, counts, log, exits, race.killed)
+        recorded = Counter()
+        if variant != "none":
+            for t in report(resolve(url=url), parse_since("1d")).totals:
+                recorded[(t["rule"], t["action"], t["old_state"])] += t["refusals"]
+        return Result(dialect_name(engine.dialect.name), variant, plan, seconds, counts, log, exits, race.killed, recorded)
     finally:
         engine.dispose()
 
@@ -368,7 +409,7 @@ def summary(results: list[Result]) -> str:
                 f"without the guard the skip writer overwrote {n.overwritten} rows in {n.races} races ({n.skip_kills} running tasks killed) "
                 f"and schedule_tis {n.schedule_overwritten} rows in {n.schedule_races} races ({n.schedule_kills} killed)"
             )
-        guarded = [by[m] for m in ("raise", "ignore") if m in by]
+        guarded = [by[m] for m in GUARDING if m in by]
         if guarded:
             def through(r):
                 return f"({r.races} + {r.schedule_races} races; {r.self_skips} self-skips and {r.scheduled_legitimately} legitimate schedules went through)"
@@ -385,7 +426,7 @@ def beside_the_seed(results: list[Result]) -> str:
     """One line: this run's kills beside the seed's production 409s."""
     backends = list(dict.fromkeys(r.backend for r in results))
     unguarded = [r for r in results if r.variant == "none"]
-    guarded = [r for r in results if r.variant != "none"]
+    guarded = [r for r in results if r.variant in GUARDING]
     before = ", ".join(f"{r.kills} on {r.backend} ({r.schedule_kills} by schedule_tis)" for r in unguarded)
     alone = ", ".join(f"{r.skip_kills} on {r.backend}" for r in unguarded)
     after = sum(r.kills for r in guarded)

@@ -45,6 +45,12 @@ def test_without_the_guard_both_writers_overwrite(server_db, baseline_plan):
 def test_with_the_guard_nothing_is_overwritten(server_db, race_plan, mode):
     result = run_variant(server_db.url, mode, race_plan)
     _accounted(result)
+    # `ti-guard report` counts exactly what the guard stopped, as the writers counted it: every
+    # skip target it kept (ignore) and every schedule target it kept (both modes; a refused skip
+    # statement rolls back, its record with it).
+    assert result.record_as(result.expected_record()) == result.expected_record()
+    assert result.recorded_by("stale_schedule") == result.schedule_kept > 0
+    assert result.recorded_by("racy_skip") == (result.unchanged if mode == "ignore" else 0)
     assert result.races == race_plan.races and result.schedule_races == race_plan.schedule_races
     assert result.kills == 0 and result.current_states == {}
     # The skip writer.
@@ -65,3 +71,14 @@ def test_with_the_guard_nothing_is_overwritten(server_db, race_plan, mode):
     assert result.scheduled_legitimately > 0
     assert result.counts["schedule refused"] == 0 and not any(k.startswith("schedule error") for k in result.counts)
     assert result.counts["schedule races committed"] == result.schedule_races
+
+
+def test_audit_lets_every_write_through_and_records_each_overwrite(server_db, baseline_plan):
+    """The rollout's first week: the race runs as without the guard, and `ti-guard report`
+    counts exactly the overwrites the observer saw, by writer and old state."""
+    result = run_variant(server_db.url, "audit", baseline_plan)
+    _accounted(result)
+    assert result.overwritten > 0 and result.skip_kills > 0 and result.schedule_overwritten > 0 and result.schedule_kills > 0
+    assert result.unchanged == 0 and result.schedule_kept == 0 and result.refused == 0
+    assert result.record_as(result.expected_record()) == result.expected_record()
+    assert result.recorded_by("racy_skip") == result.overwritten and result.recorded_by("stale_schedule") == result.schedule_overwritten

@@ -23,7 +23,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNTS_TABLE, ENDS_IN_ONE_STATEMENT, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
+from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNT_BUCKETS, COUNTS_TABLE, ENDS_IN_ONE_STATEMENT, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
 from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
@@ -138,8 +138,8 @@ def _record(q: Quoter, rule: str, action: str) -> str:
         f"        action = {q.literal(action)}, old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,\n"
         "        run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()\n"
         f"    WHERE slot = @ti_guard_seq MOD {RECORD_ROWS};\n"
-        f"    INSERT INTO {q.qualified(COUNTS_TABLE)} (day, rule, action, old_state, new_state, connection_id, refusals)\n"
-        f"    VALUES (UTC_DATE(), {values}, OLD.state, NEW.state, CONNECTION_ID(), 1)\n"
+        f"    INSERT INTO {q.qualified(COUNTS_TABLE)} (day, rule, action, old_state, new_state, connection_id, bucket, refusals)\n"
+        f"    VALUES (UTC_DATE(), {values}, OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD {COUNT_BUCKETS}, 1)\n"
         "    ON DUPLICATE KEY UPDATE refusals = refusals + 1;\n"
         "END;"
     )

@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql
 
 from ..policy import (
     BUMPS_TRY_NUMBER,
+    COUNT_BUCKETS,
     COUNTS_TABLE,
     ENDS_IN_ONE_STATEMENT,
     ENDS_WITHOUT_NEXT_METHOD,
@@ -41,18 +42,28 @@ BYPASS_SETTING = "ti_guard.bypass"
 SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 
 # TG_ARGV[0]: raise | keep | audit | mark; TG_ARGV[1]: the rule's name; TG_ARGV[2], when given:
-# the row is let through if the companion `mark` trigger marked it for this statement.
+# the row is let through if it was marked for this statement (ti_guard.decided): by the companion
+# `mark` trigger (the statement wrote next_method), or by an earlier rule that audited it.
+#
+# The record (record.py): the function is SECURITY DEFINER because Airflow's account may hold no
+# privilege on it; it lives in the guarded table's schema, which only the trigger knows
+# (TG_TABLE_SCHEMA: the offline SQL cannot), so the search_path names it, after pg_catalog so
+# that nothing there is shadowed (the function's SET restores the path on exit). A record dropped
+# by hand is skipped, never an error for Airflow's write; no EXCEPTION block, whose
+# subtransaction per refused row would slow every later row of a large statement.
 _BODY = """
+DECLARE
+    n bigint;
 BEGIN
     IF current_setting('ti_guard.bypass', true) = 'on' THEN
         RETURN NEW;
     END IF;
     IF TG_ARGV[0] = 'mark' THEN
-        PERFORM set_config('ti_guard.finish', concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()), true);
+        PERFORM set_config('ti_guard.decided', concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()), true);
         RETURN NEW;
     END IF;
-    IF TG_NARGS > 2 AND current_setting('ti_guard.finish', true) = concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()) THEN
-        PERFORM set_config('ti_guard.finish', '', true);
+    IF TG_NARGS > 2 AND current_setting('ti_guard.decided', true) = concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()) THEN
+        PERFORM set_config('ti_guard.decided', '', true);
         RETURN NEW;
     END IF;
     IF TG_ARGV[0] = 'raise' THEN
@@ -63,43 +74,27 @@ BEGIN
             DETAIL = format('Rule %s: a task instance that a worker started or that finished is not overwritten by another writer.', TG_ARGV[1]),
             HINT = 'For a deliberate repair: SET LOCAL ti_guard.bypass = ''on'' in the same transaction, or ti-guard set-state.';
     END IF;
-    BEGIN
-        EXECUTE format('SELECT %I.{record}($1, $2, $3, $4, $5, $6, $7, $8, $9)', TG_TABLE_SCHEMA)
-            USING TG_TABLE_SCHEMA, TG_ARGV[1], TG_ARGV[0], OLD.state, NEW.state, OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index;
-    EXCEPTION WHEN OTHERS THEN
-        RAISE WARNING 'ti_guard: could not record a refusal (%): %', SQLSTATE, SQLERRM;
-    END;
+    PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', TG_TABLE_SCHEMA), true);
+    IF to_regclass('{sequence}') IS NOT NULL AND to_regclass('{details}') IS NOT NULL AND to_regclass('{counts}') IS NOT NULL THEN
+        n := nextval('{sequence}');
+        UPDATE {details} SET seq = n, refused_at = statement_timestamp() AT TIME ZONE 'UTC',
+            rule = TG_ARGV[1], action = TG_ARGV[0], old_state = OLD.state, new_state = NEW.state,
+            dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index,
+            writer_user = session_user, writer_application = current_setting('application_name', true),
+            writer_address = host(inet_client_addr()), writer_pid = pg_backend_pid()
+        WHERE slot = n % {rows};
+        INSERT INTO {counts} AS c (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+        VALUES ((statement_timestamp() AT TIME ZONE 'UTC')::date, TG_ARGV[1], TG_ARGV[0], OLD.state, NEW.state, pg_backend_pid(), n % {buckets}, 1)
+        ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = c.refusals + 1;
+    END IF;
     IF TG_ARGV[0] = 'audit' THEN
+        -- Recorded once: a later rule's trigger for this row and statement lets it be.
+        PERFORM set_config('ti_guard.decided', concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()), true);
         RETURN NEW;
     END IF;
     RETURN OLD;
 END
 """
-
-# SECURITY DEFINER: the installer owns the record, and Airflow's account may hold no privilege
-# on it. The record lives in the guarded table's schema, which the trigger passes (TG_TABLE_SCHEMA)
-# because the offline SQL cannot know it; pg_catalog stays first, so nothing there is shadowed.
-_RECORD_BODY = """
-DECLARE
-    n bigint;
-BEGIN
-    PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', p_schema), true);
-    n := nextval('{sequence}');
-    UPDATE {details} SET seq = n, refused_at = statement_timestamp() AT TIME ZONE 'UTC',
-        rule = p_rule, action = p_action, old_state = p_old_state, new_state = p_new_state,
-        dag_id = p_dag_id, task_id = p_task_id, run_id = p_run_id, map_index = p_map_index,
-        writer_user = session_user, writer_application = current_setting('application_name', true),
-        writer_address = host(inet_client_addr()), writer_pid = pg_backend_pid()
-    WHERE slot = n % {rows};
-    INSERT INTO {counts} AS c (day, rule, action, old_state, new_state, connection_id, refusals)
-    VALUES ((statement_timestamp() AT TIME ZONE 'UTC')::date, p_rule, p_action, p_old_state, p_new_state, pg_backend_pid(), 1)
-    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = c.refusals + 1;
-END
-"""
-_RECORD_ARGS = (
-    "p_schema text, p_rule text, p_action text, p_old_state text, p_new_state text, "
-    "p_dag_id text, p_task_id text, p_run_id text, p_map_index integer"
-)
 
 
 def _function(q: Quoter, role: str, args: str, returns: str, body: str, config: str) -> GuardObject:
@@ -120,17 +115,12 @@ def _function(q: Quoter, role: str, args: str, returns: str, body: str, config: 
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
     q = Quoter(postgresql.dialect(), policy)
-    config = "SET search_path = pg_catalog, pg_temp"
-    record = _function(
-        q, "record", _RECORD_ARGS, "void",
-        _RECORD_BODY.strip("\n").format(
-            sequence=RECORD_SEQUENCE, details=q.ident(RECORD_TABLE), counts=q.ident(COUNTS_TABLE), rows=RECORD_ROWS,
-        ),
-        f"SECURITY DEFINER\n    {config}",
+    body = _BODY.strip("\n").format(
+        sequence=RECORD_SEQUENCE, details=RECORD_TABLE, counts=COUNTS_TABLE, rows=RECORD_ROWS, buckets=COUNT_BUCKETS,
     )
-    guard = _function(q, "guard", "", "trigger", _BODY.strip("\n").replace("{record}", record.name), config)
+    guard = _function(q, "guard", "", "trigger", body, "SECURITY DEFINER\n    SET search_path = pg_catalog, pg_temp")
     fn_name, fn = guard.name, q.qualified(guard.name)
-    objects = [record, guard]
+    objects = [guard]
 
     def trigger(role: str, column: str, condition: str, *args: str) -> GuardObject:
         tail = (

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import sqlite
 from ..errors import GuardError
 from ..policy import (
     BUMPS_TRY_NUMBER,
+    COUNT_BUCKETS,
     COUNTS_TABLE,
     ENDS_IN_ONE_STATEMENT,
     KEEP,
@@ -93,7 +94,7 @@ def _record(q: Quoter, rule: str, action: str) -> str:
         f"        rule = {q.literal(rule)}, action = {q.literal(action)}, old_state = OLD.state, new_state = NEW.state,\n"
         "        dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index\n"
         f"    WHERE slot = {following} % {RECORD_ROWS};\n"
-        f"    INSERT INTO {counts} (day, rule, action, old_state, new_state, connection_id, refusals)\n"
-        f"    VALUES (date('now'), {q.literal(rule)}, {q.literal(action)}, OLD.state, NEW.state, 0, 1)\n"
-        "    ON CONFLICT (day, rule, action, old_state, new_state, connection_id) DO UPDATE SET refusals = refusals + 1;"
+        f"    INSERT INTO {counts} (day, rule, action, old_state, new_state, connection_id, bucket, refusals)\n"
+        f"    VALUES (date('now'), {q.literal(rule)}, {q.literal(action)}, OLD.state, NEW.state, 0, (SELECT MAX(seq) FROM {details}) % {COUNT_BUCKETS}, 1)\n"
+        "    ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = refusals + 1;"
     )
