@@ -567,6 +567,19 @@ def rest_marks(dep: Deployment, rid: str, out: dict):
 
     runops = runs["runops"][1]
     dep.wait_tis(dag, runops, "the long tasks running", lambda s: all(s.get(t) == "running" for t in longs), timeout=240)
+    if dep.major == 2:
+        # Airflow 2.11.2: a running TI cleared over REST v1 is never run again, and whether its attempt
+        # then ends success or failed depends on the scheduler's zombie detection catching it (one of three
+        # variants failed, with and without writes of the guard's: its record showed none on that run).
+        out["clear"] = "not driven on Airflow 2: its outcome is the zombie detector's timing, guard or not"
+    else:
+        _clear_running(dep, dag, runops, runs, calls, out)
+    calls.append(_call(dep, "mark run failed", "PATCH", f"{dep.rest.api}/dags/{dag}/dagRuns/{runops}", {"state": "failed"},
+                       watch=runs["runops"]))
+    out["watch"] = {label: _watch(dep, *run) for label, run in runs.items()}
+
+
+def _clear_running(dep: Deployment, dag: str, runops: str, runs: dict, calls: list, out: dict):
     tries = dep.tis(dag, runops)["long_skip"]["try_number"]
     calls.append(_call(dep, "clear running long_skip", "POST", f"{dep.rest.api}/dags/{dag}/clearTaskInstances",
                        {"dry_run": False, "only_failed": False, "task_ids": ["long_skip"], "dag_run_id": runops},
@@ -578,9 +591,6 @@ def rest_marks(dep: Deployment, rid: str, out: dict):
     except DeploymentError as exc:  # recorded: what clearing did is the measurement
         out["cleared_task_ran_again"] = False
         out["clear_wait"] = str(exc)
-    calls.append(_call(dep, "mark run failed", "PATCH", f"{dep.rest.api}/dags/{dag}/dagRuns/{runops}", {"state": "failed"},
-                       watch=runs["runops"]))
-    out["watch"] = {label: _watch(dep, *run) for label, run in runs.items()}
 
 
 def fail_fast(dep: Deployment, rid: str, out: dict):
