@@ -186,16 +186,6 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-            # Airflow 2: the scheduler's own DAG parsing, the webserver, REST v1 with basic auth.
-            "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "60",
-            "AIRFLOW__SCHEDULER__PARSING_PROCESSES": "1",
-            "AIRFLOW__API__AUTH_BACKENDS": "airflow.api.auth.backend.basic_auth",
-            "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_hex(32),
-            "AIRFLOW__WEBSERVER__WORKERS": "1",
-            "AIRFLOW__WEBSERVER__WEB_SERVER_HOST": "127.0.0.1",
-            "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
-            "AIRFLOW__WEBSERVER__BASE_URL": base,
             # The scheduler's asset-orphanage job runs every parsing_cleanup_interval (60 s); on MariaDB
             # 10.11 its DELETE ... WHERE EXISTS (CTE) is a syntax error (1064) that ends the scheduler
             # loop, guard or not (3.3.2). Keep it out of the run on every backend alike.
@@ -206,6 +196,17 @@ class Deployment:
         if self.major == 2:  # the FAB auth manager (Airflow 2's default) brings `airflow users` and basic auth
             for key in ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
                 self.env.pop(key)
+            self.env.update({  # the scheduler's own DAG parsing, the webserver, REST v1 with basic auth
+                "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "60",
+                "AIRFLOW__SCHEDULER__PARSING_PROCESSES": "1",
+                "AIRFLOW__API__AUTH_BACKENDS": "airflow.api.auth.backend.basic_auth",
+                "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_hex(32),
+                "AIRFLOW__WEBSERVER__WORKERS": "1",
+                "AIRFLOW__WEBSERVER__WEB_SERVER_HOST": "127.0.0.1",
+                "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
+                "AIRFLOW__WEBSERVER__BASE_URL": base,
+            })
         say(f"{self.tag} airflow db migrate ({self.url.rsplit('/', 1)[-1].split('?')[0]})")
         rc = self.airflow_cli("db", "migrate", timeout=900)
         if rc != 0:
