@@ -232,7 +232,8 @@ class Deployment:
         wait_for(f"the {'scheduler' if self.major == 2 else 'dag-processor'} to parse {', '.join(self.dag_ids)}",
                  self._dags_parsed, timeout=300, interval=3)
         for dag_id in self.dag_ids:  # belt and braces: paused_at_creation is off, unpause anyway
-            self.rest.call("PATCH", f"{self.rest.api}/dags/{dag_id}?update_mask=is_paused", {"is_paused": False})
+            mask = "?update_mask=is_paused" if self.major == 2 else ""  # v1 wants the mask, v2 as before
+            self.rest.call("PATCH", f"{self.rest.api}/dags/{dag_id}{mask}", {"is_paused": False})
         timings["dags_parsed"] = round(time.monotonic() - t1, 1)
         self.server = self.server_version()
         say(f"{self.tag} up: api-server on :{self.port}, {timings}")
