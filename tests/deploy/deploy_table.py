@@ -25,7 +25,7 @@ BLOCK = re.compile(r"(<!-- deploy:begin[^>]*-->\n).*?(<!-- deploy:end -->)", re.
 BACKEND_NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB"}
 CASE_NAMES = {
     "timeout": "`dagrun_timeout` (20 s) over a running task",
-    "rest_marks": "REST: mark TIs, clear a running TI, mark the run failed",
+    "rest_marks": "REST: mark TIs, clear a running TI (3.x), mark the run failed",
     "fail_fast": "`fail_fast` DAG, one task fails",
     "deferrable": "deferral ending in a skip; reschedule sensor with soft_fail",
     "race": "the seed's race: branch decides against a running `one_success` task",
