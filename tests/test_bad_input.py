@@ -123,9 +123,12 @@ def test_url_resolution_order(tmp_path, monkeypatch):
 def test_demo_runs_without_a_server(capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert out.count("<-- overwritten") == 3  # without the guard
+    assert out.count("<-- overwritten") == 6  # without the guard, and with it in audit mode
     assert "REFUSED: ti_guard: refused" in out
-    assert out.count("sensor skips itself (AirflowSkipException):   went through") == 3
+    assert out.count("sensor skips itself (AirflowSkipException):   went through") == 4
+    # The report it ends with: the 3 overwrites audited, the 3 kept in ignore mode (raise rolled back).
+    by_day = out.split("== ti-guard report")[1].split("Top DAGs")[0]
+    assert by_day.count("racy_skip  audit") == 3 and by_day.count("racy_skip  keep") == 3
 
 
 def test_lock_wait_does_not_block_writers_past_the_timeout(pg_db):

@@ -31,7 +31,7 @@ CREATE TABLE ti_guard_refusals (
 	task_id VARCHAR(250), 
 	run_id VARCHAR(250), 
 	map_index INTEGER, 
-	writer_user VARCHAR(250), 
+	writer_user VARCHAR(300), 
 	writer_application VARCHAR(250), 
 	writer_address VARCHAR(64), 
 	writer_pid BIGINT, 

@@ -179,7 +179,7 @@ def _pg_privileges(p: Probe) -> None:
     schema, row = p.pg_relation
     have = {f"TRIGGER on {p.policy.table}": bool(row) and _scalar(p, "SELECT has_table_privilege(:oid, 'TRIGGER')", oid=row[0])}
     have[f"CREATE on schema {schema!r}"] = _scalar(p, "SELECT has_schema_privilege(:s, 'CREATE')", s=schema)
-    _needs(p, have, f"install needs both (the function and two small tables go in the schema); run as the owner of {p.policy.table}")
+    _needs(p, have, f"install needs both (the function and its own tables go in the schema); run as the owner of {p.policy.table}")
     if row and not _scalar(p, "SELECT pg_has_role(:owner, 'USAGE')", owner=row[1]):
         p.report.say(WARNING, "privileges", f"not the owner of {p.policy.table} ({row[1]}): install can create the guard but not replace or remove it (DROP TRIGGER needs the owner)")
 
@@ -222,7 +222,7 @@ def _mysql_privileges(p: Probe) -> None:
     database = p.policy.schema or _scalar(p, "SELECT DATABASE()")
     have = {f"TRIGGER on {p.policy.table}": "TRIGGER" in grants.table}
     have.update({f"{priv} on {database}": priv in grants.database for priv in ("CREATE", "DROP", "INSERT", "UPDATE", "DELETE", "SELECT")})
-    _needs(p, have, "install needs TRIGGER on the table and these on the database for its two small tables (privileges held through roles are not counted)")
+    _needs(p, have, "install needs TRIGGER on the table and these on the database for its own tables (settings, version, the record of refusals; privileges held through roles are not counted)")
 
 
 def _mysql_binlog(p: Probe) -> None:

@@ -167,12 +167,13 @@ def uninstall(op: Operations, policy: Policy) -> list[str]:
 def discard_unused_record(conn: sa.Connection, policy: Policy) -> None:
     """After a failed install on MySQL (each DDL statement commits on its own): drop a record
     that no guard object uses and that holds no refusal, so nothing half-made is left."""
-    if catalog.read(conn, policy) or any(f.missing for f in record.check(conn, policy) if f.table is not None):
+    if catalog.read(conn, policy):
         return
+    inspector = sa.inspect(conn)
     details, counts = record.tables(policy)
-    used = conn.execute(sa.select(sa.func.count()).select_from(details).where(details.c.seq.is_not(None))).scalar()
-    if used or conn.execute(sa.select(sa.func.count()).select_from(counts)).scalar():
-        return
+    for table, holds in ((details, details.c.seq.is_not(None)), (counts, sa.true())):
+        if inspector.has_table(table.name, schema=table.schema) and conn.execute(sa.select(sa.func.count()).select_from(table).where(holds)).scalar():
+            return
     op = operations(conn)
     for statement in _record_drop(op, policy):
         emit(op, statement)

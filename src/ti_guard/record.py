@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from . import catalog
 from .policy import COUNTS_TABLE, RECORD_ROWS, RECORD_SEQUENCE, RECORD_TABLE, Policy
 from .render import dialect_name
 
-# Wide enough for Airflow's ids (ID_LEN = 250) and MySQL's USER() (user@host).
+# Airflow's ids are at most 250 characters (ID_LEN).
 _ID = 250
 _WHEN = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
@@ -51,7 +52,7 @@ def tables(policy: Policy) -> tuple[sa.Table, sa.Table]:
         sa.Column("task_id", sa.String(_ID)),
         sa.Column("run_id", sa.String(_ID)),
         sa.Column("map_index", sa.Integer),
-        sa.Column("writer_user", sa.String(_ID)),
+        sa.Column("writer_user", sa.String(300)),  # MySQL USER(): 32 + 1 + 255
         sa.Column("writer_application", sa.String(_ID)),
         sa.Column("writer_address", sa.String(64)),
         sa.Column("writer_pid", sa.BigInteger),
@@ -130,10 +131,11 @@ def check(conn: sa.Connection, policy: Policy) -> list[Finding]:
     warning and keep guarding."""
     dialect = dialect_name(conn.dialect.name)
     inspector = sa.inspect(conn)
-    fatal = dialect == "sqlite"
     found = []
     for table in tables(policy):
         if not inspector.has_table(table.name, schema=table.schema):
+            # A guard from before the record (0.3.0) names no record table: nothing fails then.
+            fatal = dialect == "sqlite" and any(table.name in o.definition for o in catalog.read(conn, policy).values())
             why = "every UPDATE that fires the guard fails until it is back" if fatal else "refusals are not recorded"
             found.append(Finding(f"record table {table.name} is missing: {why}; run ti-guard install", fatal, table))
             continue

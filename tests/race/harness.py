@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from ti_guard import cli
 from ti_guard.config import resolve
 from ti_guard.lifecycle import report
-from ti_guard.report import parse_since
+from ti_guard.report import as_text, parse_since
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine, scratch_database
 from ti_guard.policy import DEFAULT_PROTECT
@@ -62,6 +62,7 @@ class Result:
     killed: list = field(default_factory=list, repr=False)
     # (rule, action, old_state) -> refusals, as `ti-guard report` reads them from the guard's record
     recorded: Counter = field(default_factory=Counter, repr=False)
+    report_text: str = field(default="", repr=False)  # `ti-guard report` at the end of the variant
 
     def recorded_by(self, rule: str) -> int:
         return sum(n for (r, _, _), n in self.recorded.items() if r == rule)
@@ -352,11 +353,13 @@ def run_variant(url: str, variant: str, plan: Plan) -> Result:
         with engine.connect() as conn:
             log = observer.transitions(conn)
             exits = observer.left_running(conn)
-        recorded = Counter()
+        recorded, text = Counter(), ""
         if variant != "none":
-            for t in report(resolve(url=url), parse_since("1d")).totals:
+            found = report(resolve(url=url), parse_since("1d"))
+            text = as_text(found, f"the race's scratch database on {dialect_name(engine.dialect.name)}")
+            for t in found.totals:
                 recorded[(t["rule"], t["action"], t["old_state"])] += t["refusals"]
-        return Result(dialect_name(engine.dialect.name), variant, plan, seconds, counts, log, exits, race.killed, recorded)
+        return Result(dialect_name(engine.dialect.name), variant, plan, seconds, counts, log, exits, race.killed, recorded, text)
     finally:
         engine.dispose()
 
@@ -481,6 +484,7 @@ def main(argv=None) -> int:
     parser.add_argument("--in-place", action="store_true", help="use the database the URL names instead of a scratch one")
     parser.add_argument("--readme", action="store_true", help="print README's race block for this run's figures")
     parser.add_argument("--readme-out", type=Path, metavar="FILE", help="write README's race block for this run's figures to FILE")
+    parser.add_argument("--report-out", type=Path, metavar="FILE", help="write README's report block (the first server's audit variant) to FILE")
     args = parser.parse_args(argv)
     plan = Plan(races=args.races, workers=args.workers)
     results, versions = [], []
@@ -515,6 +519,15 @@ def main(argv=None) -> int:
             print("\n----- README race block (between <!-- race:begin ... --> and <!-- race:end -->) -----")
             print(text, end="")
             print("----- end of the race block -----")
+    audited = next((r for r in results if r.variant == "audit"), None)
+    if args.report_out and audited:
+        args.report_out.write_text(
+            f"`ti-guard report --since 1d` at the end of the race harness's audit variant ({audited.races} skip and "
+            f"{audited.schedule_races} schedule_tis races on {versions[0]}; every write went through, each one the guard "
+            "would have refused is counted; the harness checks the counts against its observer):\n\n"
+            + "\n".join("    " + line for line in audited.report_text.splitlines()) + "\n"
+        )
+        print(f"wrote README's report block to {args.report_out}")
     bad = [r for r in results if r.problems() or r.outcome()]
     return 1 if bad else 0
 
