@@ -234,20 +234,70 @@ def test_airflow_2_backfill_rerun_of_failed_tasks_goes_through(db):
     # the same write on the 3.x table is kept (see test_policy_table)
 
 
-def test_airflow_2_own_finish_is_set_state_and_goes_through(db):
-    """Airflow 2's task finishes itself through the ORM with exactly set_state's columns, so on
-    its table (no `id`) set_state_skip is not installed: the self-skip must go through."""
+def _seed_2x(db, table, state, start, end):
+    with db.engine.begin() as conn:
+        conn.execute(table.delete())
+        conn.execute(table.insert().values(**KEY, state=state, start_date=start, end_date=end, try_number=1))
+        conn.execute(table.insert().values(**{**KEY, "task_id": "other"}, state="running", start_date=T0, try_number=1))
+
+
+def _self_skip_2x(t):
+    """Airflow 2's `_run_raw_task` on AirflowSkipException: `save_to_db` of state (+ updated_at) alone."""
+    return sa.update(t).where(aw.key_of(t, **KEY)).values(state="skipped", updated_at=LATER)
+
+
+def _self_skip_end_2x(t):
+    """... and its second commit: end_date and duration, on the row that is already skipped."""
+    return sa.update(t).where(aw.key_of(t, **KEY)).values(end_date=LATER, duration=7.0, updated_at=LATER)
+
+
+# Airflow 2 tables (no `id`): each writer of running -> skipped as 2.11.2 / 2.10.5 send it.
+# (case, old state, old start, old end, writes applied one after the other, verdict)
+CASES_2X = [
+    ("running: the task skips itself (state, then end_date a commit later)", "running", T0, None, [_self_skip_2x, _self_skip_end_2x], ALLOWED),
+    ("running: run timeout (state only)", "running", T0, None, [_timeout()], ALLOWED),
+    ("running: set_state(skipped) (NotPreviouslySkippedDep, TriggerRuleDep, REST mark)", "running", T0, None, [_set_state("skipped")], KEPT),
+    ("running: set_state(failed) (REST mark)", "running", T0, None, [_set_state("failed")], ALLOWED),
+    ("running: set_state(success) (REST mark)", "running", T0, None, [_set_state("success")], ALLOWED),
+    ("running: SkipMixin's racy skip", "running", T0, None, [_racy(LATER)], REFUSED),
+    ("success: set_state(skipped) (operator's mark)", "success", T0, LATER, [_set_state("skipped")], ALLOWED),
+    ("deferred: set_state(skipped)", "deferred", T0, None, [_set_state("skipped")], ALLOWED),
+]
+
+
+@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def test_airflow_2_policy_table(db, mode):
+    """On Airflow 2 tables set_state_skip is told by end_date written in the skip's own statement:
+    the dependency writers' (and a REST mark's) set_state is kept, still counted (the scheduler's ORM
+    flush goes on), on every backend; the task's own two-commit skip and the run timeout go through."""
     table = db.table("2.x")
-    with db.engine.begin() as conn:
-        conn.execute(table.insert().values(**KEY, state="running", start_date=T0, try_number=1))
-    db.install()
-    assert _apply(db, table, _set_state("skipped")) == 1
-    assert _row(db, table)["state"] == "skipped"
-    # while the racy route is still refused there
-    with db.engine.begin() as conn:
-        conn.execute(sa.update(table).values(state="running", end_date=None))
-    _apply(db, table, _racy(LATER))
-    assert _row(db, table)["state"] == "running"
+
+    def outcome(case):
+        _, state, start, end, writes, _ = case
+        _seed_2x(db, table, state, start, end)
+        before, results = _row(db, table), [_apply(db, table, w) for w in writes]
+        error = next((r for r in results if isinstance(r, Exception)), None)
+        return before, _row(db, table), error, results
+
+    baseline = {case[0]: outcome(case) for case in CASES_2X}
+    for name, (before, after, error, counts) in baseline.items():
+        assert error is None and after != before and set(counts) == {1}, f"without guard: {name}"
+    db.install(mode=mode)
+    wrong = []
+    for case in CASES_2X:
+        name, verdict = case[0], case[5]
+        before, after, error, counts = outcome(case)
+        if verdict == ALLOWED:
+            ok = error is None and after == baseline[name][1] and set(counts) == {1}
+        elif verdict == KEPT:
+            ok = error is None and after == before and counts == [1]
+        elif mode == "raise":
+            ok = error is not None and "ti_guard: refused" in str(error.orig) and after == before
+        else:
+            ok = error is None and after == before
+        if not ok:
+            wrong.append(f"{name}: expected {verdict}, got error={error and str(error.orig)[:80]!r} changed={after != before} rowcounts={counts}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_readme_policy_tables_are_generated_from_the_rules():

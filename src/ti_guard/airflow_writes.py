@@ -19,9 +19,10 @@ def key_of(table: sa.Table, dag_id, task_id, run_id, map_index=-1):
 
 
 def worker_start(table: sa.Table, key, when=None):
-    """`ti_run`: queued -> running; start_date replaced, end_date cleared."""
+    """`ti_run`: queued -> running; start_date replaced, end_date cleared (2.x tables have no last_heartbeat_at)."""
     when = when or now()
-    return sa.update(table).where(key).values(state="running", start_date=when, end_date=None, last_heartbeat_at=when)
+    beat = {"last_heartbeat_at": when} if "last_heartbeat_at" in table.c else {}
+    return sa.update(table).where(key).values(state="running", start_date=when, end_date=None, **beat)
 
 
 def heartbeat(table: sa.Table, key, when=None):

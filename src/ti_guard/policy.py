@@ -21,6 +21,7 @@ Two properties every rule keeps (README, "Policy"):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -73,12 +74,16 @@ REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_
 STAMPS_START = "stamps_start"
 ENDS_WITHOUT_NEXT_METHOD = "ends_without_next_method"
 BUMPS_TRY_NUMBER = "bumps_try_number"
+ENDS_IN_ONE_STATEMENT = "ends_in_one_statement"
 SIGNATURES = {
     STAMPS_START: "writes start_date (the racy skip routes stamp start_date = end_date = now; "
     "nothing else that skips a protected row writes it)",
     ENDS_WITHOUT_NEXT_METHOD: "sets end_date, keeps start_date and does not write next_method "
     "(`TaskInstance.set_state`; a task's own finish through Airflow 3's execution API always "
     "writes next_method = NULL)",
+    ENDS_IN_ONE_STATEMENT: "sets end_date in the same statement that moves the row to skipped, and keeps start_date "
+    "(`TaskInstance.set_state`; Airflow 2's task that skips itself writes the state alone and its end_date in a "
+    "later commit, and the run timeout writes no end_date)",
     BUMPS_TRY_NUMBER: "writes try_number (`DagRun.schedule_tis` always does; 3.3's human-in-the-loop "
     "resume, the one deliberate running -> scheduled, does not)",
 }
@@ -95,11 +100,18 @@ class Rule:
     # The columns its writers write: what a kept row gets back where the backend cannot simply
     # keep the old row (MySQL sets NEW.c = OLD.c; each such column costs every updated row).
     writes: tuple[str, ...]
-    # Airflow generations (told by the table's columns) the rule is installed for: set_state_skip
-    # waits for a run on a real 2.x deployment before it guards Airflow 2 tables.
+    # Airflow generations (told by the table's columns) the rule is installed for.
     airflow: tuple[int, ...] = (2, 3)
     # Old states a deliberate Airflow 2 writer moves with the same signature: left out on 2.x tables.
     spared_on_airflow_2: tuple[str, ...] = ()
+    # The signature on Airflow 2 tables, where the writers it must tell apart write other columns.
+    signature_on_airflow_2: str | None = None
+
+    def for_generation(self, generation: int) -> "Rule":
+        """The rule as installed on that generation's table (its signature there)."""
+        if generation == 2 and self.signature_on_airflow_2:
+            return dataclasses.replace(self, signature=self.signature_on_airflow_2)
+        return self
 
     def olds(self, protect: tuple[str, ...], generation: int = 3) -> tuple[str, ...]:
         olds = protect if self.old_states is None else tuple(s for s in self.old_states if s in protect)
@@ -126,7 +138,9 @@ RULES = (
         why="the scheduler's dependency checks (NotPreviouslySkippedDep, TriggerRuleDep) skip a task "
         "that already runs; they write through the ORM inside the scheduler loop, so the row is kept, never raised",
         writes=("state", "end_date", "duration", "updated_at"),
-        airflow=(3,),
+        # Airflow 2's own finish has no next_method write to tell it by; it writes the skip and its
+        # end_date in two statements (taskinstance.py `_run_raw_task`), set_state in one.
+        signature_on_airflow_2=ENDS_IN_ONE_STATEMENT,
     ),
     Rule(
         name="stale_schedule",
@@ -177,8 +191,9 @@ WRITERS = (
            "`_are_premature_tis`: `TaskInstance.set_state`",
            "3.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", "set_state_skip",
            "the second writer of the seed's race: upstream's WHERE fix does not cover it"),
-    Writer("the same dependency writers, and an operator's REST / UI mark of a running TI", "2.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", None,
-           "not yet enforced on Airflow 2 tables (its own finish was not yet checked on a running 2.x deployment)"),
+    Writer("the same dependency writers, and an operator's REST / UI mark of a running TI: `TaskInstance.set_state`", "2.x",
+           "running -> skipped", "ORM, one statement: state, end_date, duration, updated_at", "set_state_skip",
+           "the race's second writer on 2.x; a REST mark of a running TI sends the same SQL and is kept too (mark it failed or success, or use the bypass)"),
     Writer("operator marks a running TI skipped: REST PATCH / UI -> `mark_tasks.set_state` -> `TaskInstance.set_state`",
            "3.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", "set_state_skip",
            "the same SQL as the dependency writers: kept too (mark it failed or success, or use the bypass)"),
@@ -262,7 +277,7 @@ class Policy:
         for rule in RULES:
             olds = rule.olds(self.protect, generation)
             if olds and generation in rule.airflow:
-                out.append((rule, olds, self.action(rule)))
+                out.append((rule.for_generation(generation), olds, self.action(rule)))
         return out
 
     def action(self, rule: Rule) -> str:

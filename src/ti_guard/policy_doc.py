@@ -17,10 +17,10 @@ NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL", "sqlite": "SQLite"}
 BLOCK = re.compile(r"(<!-- policy:begin[^\n]*-->\n)(.*?)(<!-- policy:end -->)", re.S)
 
 
-def verdict(rule_name, backend: str) -> str:
+def verdict(rule_name, backend: str, generation: int = 3) -> str:
     if rule_name is None:
         return "goes through"
-    rule = rule_named(rule_name)
+    rule = rule_named(rule_name).for_generation(generation)
     if rule.signature not in sees(backend):
         return "goes through (cannot be told apart here)"
     return "refused (raise) / kept (ignore)" if rule.may_raise else "kept, every mode"
@@ -36,10 +36,15 @@ def markdown() -> str:
     for r in RULES:
         olds = "protected states (default running, success, failed)" if r.old_states is None else ", ".join(r.old_states)
         on = ", ".join(NAMES[b] for b in SUPPORTED if r.signature in sees(b))
+        if r.signature_on_airflow_2:
+            on = f"{on or 'none'} (3.x); " + ", ".join(NAMES[b] for b in SUPPORTED if r.signature_on_airflow_2 in sees(b)) + " (2.x)"
         gens = ", ".join(f"{g}.x" for g in r.airflow)
         raises = "raises" if r.may_raise else "never raises: kept"
         spared = f" (2.x tables: not {', '.join(r.spared_on_airflow_2)})" if r.spared_on_airflow_2 else ""
-        lines.append(f"| `{r.name}` | {olds}{spared} -> {r.new_state} | {r.why} | the statement {SIGNATURES[r.signature]} | {raises} | {gens} | {on} |")
+        told = f"the statement {SIGNATURES[r.signature]}"
+        if r.signature_on_airflow_2:
+            told = f"3.x: {told}; 2.x: the statement {SIGNATURES[r.signature_on_airflow_2]}"
+        lines.append(f"| `{r.name}` | {olds}{spared} -> {r.new_state} | {r.why} | {told} | {raises} | {gens} | {on} |")
     lines += [
         "",
         "Every Airflow writer of those transitions (read from the 3.3.2, 3.1.8 and 2.11.2/2.10.5 sources):",
@@ -48,7 +53,8 @@ def markdown() -> str:
         "|---|---|---|---|---|" + "---|" * len(SUPPORTED) + "---|",
     ]
     for w in WRITERS:
-        cells = [verdict(w.rule, b) for b in SUPPORTED]
+        generation = 2 if w.versions.startswith("2") else 3
+        cells = [verdict(w.rule, b, generation) for b in SUPPORTED]
         lines.append(f"| {w.name} | {w.versions} | {w.transition} | {w.writes} | {w.rule or '-'} | " + " | ".join(cells) + f" | {w.note} |")
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,9 @@ CACHE = Path(os.environ.get("TI_GUARD_AIRFLOW_CACHE", Path.home() / ".cache" / "
 # Airflow 3 opens both a sync and an async engine, so each backend needs both drivers. It also
 # imports MySQLdb's converters for any mysql URL, even one served by PyMySQL, so mysqlclient must
 # be there (it builds from source: gcc, pkg-config and libmariadb-dev or libmysqlclient-dev).
+# Airflow 2.x (SQLAlchemy 1.4, installed without a constraints file) needs neither async driver nor
+# mysqlclient; one recipe serves every version anyway (they install beside 2.10.5 and 2.11.2 without
+# conflict), so a cached venv never depends on which suite built it.
 DRIVERS = ("psycopg2-binary", "asyncpg", "pymysql", "aiomysql", "aiosqlite", "mysqlclient")
 COMPLETE = "ti-guard-complete"
 

@@ -335,7 +335,12 @@ def upgrade_with_guard(version, db: Database, airflow: Airflow, tag) -> dict:
 
 
 def route_is_racy(venv: Path) -> bool:
-    """Read the installed route's source: does its UPDATE lack a filter on the current state (pre-fix)?"""
-    (path,) = venv.glob("lib/python*/site-packages/airflow/api_fastapi/execution_api/routes/task_instances.py")
-    body = path.read_text().split("def ti_skip_downstream(", 1)[1].split("\n@", 1)[0]
-    return "TI.state" not in body
+    """Read the installed skip writer's source (Airflow 3's execution API route, Airflow 2's
+    `SkipMixin._set_state_to_skipped`): does its UPDATE lack a filter on the current state (pre-fix)?"""
+    site = next(venv.glob("lib/python*/site-packages/airflow"))
+    route = site / "api_fastapi" / "execution_api" / "routes" / "task_instances.py"
+    if route.exists():
+        body = route.read_text().split("def ti_skip_downstream(", 1)[1].split("\n@", 1)[0]
+        return "TI.state" not in body
+    body = (site / "models" / "skipmixin.py").read_text().split("def _set_state_to_skipped(", 1)[1].split("\n    def ", 1)[0]
+    return "TaskInstance.state" not in body

@@ -32,7 +32,7 @@ SCENARIO_NAMES = {
     "set_state": "`TaskInstance.set_state(skipped)` on a success TI",
     "set_state under bypass": "the same under the README's bypass",
     "pre-fix UPDATE": "pre-fix skip UPDATE over running / unscheduled / success rows",
-    "skip route": "Airflow's own `ti_skip_downstream` on a running TI",
+    "skip route": "Airflow's own skip writer on a running TI (3.x `ti_skip_downstream`; 2.x `SkipMixin.skip`)",
     "guard install": "guard install leaves Airflow's `alembic_version`",
     "upgrade": "Airflow upgrade (`airflow db migrate` from the previous minor) with the guard (ignore mode) in place",
 }
@@ -53,7 +53,8 @@ def cell(checks, combo) -> str:
         seen, up = by_variant["ignore"], combo["upgrade"]
         kept = "dropped by the migration" if seen["dropped"] else "kept"
         flagged = "" if seen["status_after_ok"] else f", `status` exit {up['status_after']['rc']}"
-        verdict += f": from {up['from']}, triggers {kept}{flagged}; `ti-guard install` -> exit {seen['status_repaired']}"
+        failed = f" (Airflow's own migration failed, exit {up['rc']}, guard or not: see notes)" if up["rc"] else ""
+        verdict += f": from {up['from']}{failed}, triggers {kept}{flagged}; `ti-guard install` -> exit {seen['status_repaired']}"
     return verdict
 
 
@@ -103,16 +104,26 @@ def notes(combos) -> list[str]:
         if combo.get("route_racy") and route and route["error"] and route["after"]["further"] is None:
             refused_routes[version].append(BACKEND_NAMES[backend])
     for version, backends in refused_routes.items():
+        route = "`SkipMixin.skip`" if version.startswith("2.") else "`ti_skip_downstream`"
         out.append(
-            f"- Airflow {version} ({', '.join(backends)}): its racy `ti_skip_downstream` over a running task is refused as a "
+            f"- Airflow {version} ({', '.join(backends)}): its racy {route} over a running task is refused as a "
             "whole in raise mode: the call fails with the guard's error and the not-yet-scheduled task of the same call is "
             "not skipped either (what the calling branch task then does was not driven here); ignore mode skips that task and keeps the running one, as "
             "upstream's later fix does."
         )
+    filled = sorted({k[0] for k, c in combos.items() for v in c.get("variants", {}).values() if v["mark_plain"].get("start_date_filled")})
+    if filled:
+        out.append(
+            f"- Airflow {', '.join(filled)}: `airflow dags test` runs each task without the worker's start, so its row finishes with "
+            "start_date NULL, and `set_state` on it would stamp a start_date (the racy routes' signature). A deployed task always has "
+            "one; the harness gives the row its end_date as start_date before the mark, as a worker would have written it.")
     for key, combo in combos.items():
         up = combo.get("upgrade")
         if not up:
             continue
+        if up["rc"]:
+            out.append(f"- Upgrading {key[0]} from {up['from']} on {BACKEND_NAMES[key[1]]}: `airflow db migrate` exits {up['rc']} "
+                       "with or without the guard (an Airflow migration MariaDB rejects); the guard stays in place.")
         if up["triggers_left"] == 0:
             out.append(f"- Upgrading {key[0]} from {up['from']} on {BACKEND_NAMES[key[1]]}: `airflow db migrate` re-created "
                        f"task_instance and dropped the triggers; `ti-guard status` exit {up['status_after']['rc']}; run `ti-guard install` after it.")

@@ -101,7 +101,14 @@ def set_state(step):
 
     with create_session() as session:
         run_id = _latest_run_id(session, step["dag_id"])
-        before = _ti(session, step["dag_id"], run_id, step["task_id"]).state
+        ti = _ti(session, step["dag_id"], run_id, step["task_id"])
+        before = ti.state
+        # Airflow 2's `dags test` runs a task without the worker's start (`_run_raw_task` alone), so its
+        # row finishes with start_date NULL, and set_state would stamp one: a write no deployed TI sees
+        # (a worker always starts it). Give the row the start_date a worker would have written.
+        filled = ti.start_date is None and ti.end_date is not None
+        if filled:
+            ti.start_date = ti.end_date
 
     def mark(session):
         ti = _ti(session, step["dag_id"], run_id, step["task_id"])
@@ -114,13 +121,13 @@ def set_state(step):
     error = _attempt(mark)
     with create_session() as session:
         after = _ti(session, step["dag_id"], run_id, step["task_id"]).state
-    return {"before": before, "error": error, "after": after}
+    return {"before": before, "error": error, "after": after, "start_date_filled": filled}
 
 
 def route_skip(step):
-    """The execution API's `ti_skip_downstream`, called as its route function with a real session."""
-    from airflow.api_fastapi.execution_api.datamodels.taskinstance import TISkippedDownstreamTasksStatePayload
-    from airflow.api_fastapi.execution_api.routes.task_instances import ti_skip_downstream
+    """The branch's skip writer against a running TI: Airflow 3's execution API `ti_skip_downstream`,
+    called as its route function with a real session; on Airflow 2 the operator's own
+    `SkipMixin.skip` (which the branch and short-circuit operators call in the task's process)."""
     from airflow.utils import timezone
     from airflow.utils.session import create_session
 
@@ -133,11 +140,32 @@ def route_skip(step):
             ti.state = state
             ti.start_date = timezone.utcnow() if state == "running" else ti.start_date
             ti.end_date = None if state == "running" else ti.end_date
-        caller_id = _ti(session, step["dag_id"], run_id, step["caller"]).id
+        caller = _ti(session, step["dag_id"], run_id, step["caller"])
+        caller_id = getattr(caller, "id", None)  # Airflow 2 rows have no id
     before = _states_of(step, run_id)
-    payload = TISkippedDownstreamTasksStatePayload(tasks=list(step["tasks"]))
-    error = _attempt(lambda session: ti_skip_downstream(task_instance_id=caller_id, ti_patch_payload=payload, session=session))
+    if caller_id is None:
+        error = _attempt(lambda session: _skipmixin_skip(step, run_id, session))
+    else:
+        from airflow.api_fastapi.execution_api.datamodels.taskinstance import TISkippedDownstreamTasksStatePayload
+        from airflow.api_fastapi.execution_api.routes.task_instances import ti_skip_downstream
+
+        payload = TISkippedDownstreamTasksStatePayload(tasks=list(step["tasks"]))
+        error = _attempt(lambda session: ti_skip_downstream(task_instance_id=caller_id, ti_patch_payload=payload, session=session))
     return {"before": before, "error": error, "after": _states_of(step, run_id)}
+
+
+def _skipmixin_skip(step, run_id, session):
+    """Airflow 2: the caller operator's real `SkipMixin.skip` over the given tasks of its run, as
+    `ShortCircuitOperator.execute` calls it (its UPDATE, then its skipmixin XCom)."""
+    from airflow.models import DagBag, DagRun
+    from airflow.settings import DAGS_FOLDER
+    from sqlalchemy import select
+
+    dag = DagBag(DAGS_FOLDER, include_examples=False).get_dag(step["dag_id"])
+    dag_run = session.scalar(select(DagRun).where(DagRun.dag_id == step["dag_id"], DagRun.run_id == run_id))
+    operator = dag.get_task(step["caller"])
+    # `skip` opens and commits a session of its own (2.10, 2.11): the statement the guard meets is its UPDATE.
+    operator.skip(dag_run=dag_run, execution_date=dag_run.execution_date, tasks=[dag.get_task(t) for t in step["tasks"]])
 
 
 def _states_of(step, run_id):
@@ -159,7 +187,10 @@ def _one_execution_api_app():
     """
     import functools
 
-    from airflow.sdk.execution_time import supervisor
+    try:
+        from airflow.sdk.execution_time import supervisor
+    except ImportError:  # Airflow 2 runs tasks in-process without an execution API
+        return
 
     if not hasattr(supervisor.in_process_api_server, "cache_info"):
         supervisor.in_process_api_server = functools.lru_cache(maxsize=1)(supervisor.in_process_api_server)

@@ -23,7 +23,7 @@ import conftest as main_conftest
 
 pytestmark = pytest.mark.airflow
 
-VERSIONS = tuple(v.strip() for v in os.environ.get("TI_GUARD_AIRFLOW_VERSIONS", "3.3.2,3.1.8").split(",") if v.strip())
+VERSIONS = tuple(v.strip() for v in os.environ.get("TI_GUARD_AIRFLOW_VERSIONS", "3.3.2,3.1.8,2.11.2").split(",") if v.strip())
 # TI_GUARD_AIRFLOW_BACKENDS picks backend ids (default all: postgresql, mysql = MariaDB, mysql9 = MySQL 9.7, sqlite).
 BACKENDS = tuple(b.strip() for b in os.environ.get("TI_GUARD_AIRFLOW_BACKENDS", ",".join(main_conftest.BACKENDS)).split(",") if b.strip())
 RESULTS = Path(os.environ.get("TI_GUARD_COMPAT_RESULTS", harness.REPO / ".pytest_cache" / "ti-guard-compat.json"))
@@ -40,6 +40,12 @@ INTENDED = {
     "tg_retry": ("success", {"fails_once": "success", "after_retry": "success"}),
 }
 COMBOS = [(v, b) for v in VERSIONS for b in BACKENDS]
+# Upgrades that Airflow itself cannot make on a backend, guard or not (measured without the guard on
+# a fresh database): the migration's exit code is then Airflow's, and the guard must still be in place.
+AIRFLOW_UPGRADE_FAILS = {
+    ("2.10.5", "mysql"): "2.9.0 -> 2.10.5: Airflow's migration 686269002441 sends a multi-statement PREPARE that "
+    "MariaDB 10.11 rejects through PyMySQL (1064), with or without the guard",
+}
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +183,7 @@ def test_airflow_upgrade_with_guard(combo, backend):
     leaves it current. `ti-guard install` then repairs every case.
     """
     up = combo["upgrade"]
+    airflow_fails = (combo["version"], backend) in AIRFLOW_UPGRADE_FAILS
     dropped = up["triggers_left"] == 0
     stale = False  # a kept row restores only its rules' columns: new Airflow columns leave the guard current
     output = up["status_after"]["output"]
@@ -185,7 +192,7 @@ def test_airflow_upgrade_with_guard(combo, backend):
                 "status_before": up["status_before"]["rc"], "revision": up["head_after"], "status_after_ok": up["status_after"]["rc"] == 0,
                 "says_batch": "batch migrations" in output, "says_columns": "columns changed" in output,
                 "status_repaired": up["status_repaired"]["rc"], "dropped": dropped}
-    expected = {"steps": [0, 0, 0, 0], "install_errors": [], "install_moved_airflow": False, "status_before": 0,
-                "revision": combo["head"], "status_after_ok": not (dropped or stale), "says_batch": backend == "sqlite" and dropped,
+    expected = {"steps": [0, 0, 1 if airflow_fails else 0, 0], "install_errors": [], "install_moved_airflow": False, "status_before": 0,
+                "revision": up["head_after"] if airflow_fails else combo["head"], "status_after_ok": not (dropped or stale), "says_batch": backend == "sqlite" and dropped,
                 "says_columns": stale, "status_repaired": 0, "dropped": dropped if backend == "sqlite" else False}
     check(combo, "upgrade", "ignore", observed, expected)

@@ -1,4 +1,5 @@
-"""One real Airflow deployment: api-server, scheduler, dag-processor, triggerer on a scratch metadata DB.
+"""One real Airflow deployment: api-server, scheduler, dag-processor, triggerer on a scratch metadata DB
+(Airflow 2: webserver and scheduler, REST API v1 with basic auth of a user `airflow users create` made).
 
 `Deployment` starts every component as a process group of its own, each writing to its own log
 file in the work dir, with LocalExecutor; talks to the public REST API (a token from the simple
@@ -14,6 +15,7 @@ and returns plain data for test_deploy.py and deploy_table.py.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -39,7 +41,12 @@ sys.path.insert(0, str(REPO / "tests" / "airflow"))
 import airflow_venv  # noqa: E402  (tests/airflow: the cached Airflow virtualenvs)
 
 PROJECT_BIN = REPO / ".venv" / "bin" if (REPO / ".venv" / "bin" / "ti-guard").exists() else Path(sys.executable).parent
-COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# Airflow 3: the API server (REST v2 and the workers' execution API) and a separate DAG processor.
+# Airflow 2: the webserver serves REST v1 (basic auth); the scheduler parses the DAGs and its
+# LocalExecutor runs each task under a LocalTaskJob that heartbeats through the database. No
+# 2.x case defers, so no triggerer there.
+COMPONENTS_BY_MAJOR = {3: ("api-server", "scheduler", "dag-processor", "triggerer"), 2: ("webserver", "scheduler")}
+COMPONENTS = tuple(dict.fromkeys(c for names in COMPONENTS_BY_MAJOR.values() for c in names))
 DAG_IDS = ("deploy_timeout", "deploy_rest_marks", "deploy_fail_fast", "deploy_deferrable", "deploy_race", "deploy_schedule_tis")
 FINISHED_RUN = ("success", "failed")
 # What counts as a component crashing: a traceback or the scheduler loop's own last words.
@@ -87,16 +94,22 @@ def utc(value):
 
 
 class Rest:
-    """The public REST API (/api/v2), with a bearer token from the simple auth manager."""
+    """The public REST API: /api/v2 with a bearer token from the simple auth manager (Airflow 3),
+    /api/v1 with basic auth of a user made by `airflow users create` (Airflow 2). `api` is the
+    prefix the cases put before their paths."""
 
-    def __init__(self, base: str):
-        self.base, self.token = base, None
+    def __init__(self, base: str, major: int = 3, basic: str | None = None):
+        self.base, self.token, self.major = base, None, major
+        self.api = f"/api/v{1 if major == 2 else 2}"
+        self.basic = basic
 
     def call(self, method: str, path: str, body=None, timeout: float = 60) -> tuple[int, object]:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        elif self.basic:
+            headers["Authorization"] = f"Basic {self.basic}"
         request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -109,6 +122,8 @@ class Rest:
             return status, raw.decode(errors="replace")[:2000]
 
     def login(self):
+        if self.major == 2:
+            return  # basic auth: every call carries the user's credentials
         status, body = self.call("GET", "/auth/token")
         if status not in (200, 201) or not isinstance(body, dict) or "access_token" not in body:
             raise DeploymentError(f"GET /auth/token answered {status}: {body}")
@@ -120,6 +135,9 @@ class Deployment:
 
     def __init__(self, version: str, backend: str, admin_url: str, workdir: Path):
         self.version, self.backend, self.workdir = version, backend, workdir
+        self.major = int(version.split(".")[0])
+        self.components = COMPONENTS_BY_MAJOR[self.major]
+        self.dag_ids = DAG_IDS
         self.tag = f"[deploy {version} {backend}]"
         self.admin_url = admin_url
         self.home = workdir / "home"
@@ -176,29 +194,54 @@ class Deployment:
             "TI_GUARD_DEPLOY_MARKERS": str(self.markers),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.major == 2:  # the FAB auth manager (Airflow 2's default) brings `airflow users` and basic auth
+            for key in ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
+                self.env.pop(key)
+            self.env.update({  # the scheduler's own DAG parsing, the webserver, REST v1 with basic auth
+                "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "60",
+                "AIRFLOW__SCHEDULER__PARSING_PROCESSES": "1",
+                "AIRFLOW__API__AUTH_BACKENDS": "airflow.api.auth.backend.basic_auth",
+                "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_hex(32),
+                "AIRFLOW__WEBSERVER__WORKERS": "1",
+                "AIRFLOW__WEBSERVER__WEB_SERVER_HOST": "127.0.0.1",
+                "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
+                "AIRFLOW__WEBSERVER__BASE_URL": base,
+            })
         say(f"{self.tag} airflow db migrate ({self.url.rsplit('/', 1)[-1].split('?')[0]})")
         rc = self.airflow_cli("db", "migrate", timeout=900)
         if rc != 0:
             raise DeploymentError(f"airflow db migrate exited {rc}: see {self.workdir / 'cli.log'}")
+        basic = None
+        if self.major == 2:
+            user, password = "ti_guard", secrets.token_hex(12)
+            rc = self.airflow_cli("users", "create", "--username", user, "--password", password, "--role", "Admin",
+                                  "--email", "ti_guard@example.invalid", "--firstname", "ti", "--lastname", "guard")
+            if rc != 0:
+                raise DeploymentError(f"airflow users create exited {rc}: see {self.workdir / 'cli.log'}")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
         timings["migrate"] = round(time.monotonic() - t0, 1)
         t1 = time.monotonic()
-        for name in COMPONENTS:
+        for name in self.components:
             self._spawn(name)
-        self.rest = Rest(base)
-        wait_for("the api-server to answer /api/v2/version", self._api_up, timeout=240, interval=2)
+        self.rest = Rest(base, self.major, basic)
+        wait_for(f"the {self.components[0]} to answer {self.rest.api}/version", self._api_up, timeout=240, interval=2)
         self.rest.login()
         timings["api_server_ready"] = round(time.monotonic() - t1, 1)
         wait_for("a scheduler heartbeat", lambda: self._check_alive() or self.heartbeats().get("SchedulerJob"), timeout=240, interval=2)
         timings["scheduler_ready"] = round(time.monotonic() - t1, 1)
-        wait_for(f"the dag-processor to parse {', '.join(DAG_IDS)}", self._dags_parsed, timeout=300, interval=3)
-        for dag_id in DAG_IDS:  # belt and braces: paused_at_creation is off, unpause anyway
-            self.rest.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        wait_for(f"the {'scheduler' if self.major == 2 else 'dag-processor'} to parse {', '.join(self.dag_ids)}",
+                 self._dags_parsed, timeout=300, interval=3)
+        for dag_id in self.dag_ids:  # belt and braces: paused_at_creation is off, unpause anyway
+            mask = "?update_mask=is_paused" if self.major == 2 else ""  # v1 wants the mask, v2 as before
+            self.rest.call("PATCH", f"{self.rest.api}/dags/{dag_id}{mask}", {"is_paused": False})
         timings["dags_parsed"] = round(time.monotonic() - t1, 1)
         self.server = self.server_version()
         say(f"{self.tag} up: api-server on :{self.port}, {timings}")
 
     def _spawn(self, name: str):
-        args = {"api-server": ["api-server", "--port", str(self.port), "--host", "127.0.0.1"]}.get(name, [name])
+        args = {"api-server": ["api-server", "--port", str(self.port), "--host", "127.0.0.1"],
+                "webserver": ["webserver", "--port", str(self.port), "--hostname", "127.0.0.1"]}.get(name, [name])
         log = open(self.log_path(name), "ab")
         log.write(f"\n===== {time.strftime('%H:%M:%S')} airflow {' '.join(args)}\n".encode())
         log.flush()
@@ -224,7 +267,7 @@ class Deployment:
 
     def _api_up(self):
         self._check_alive()
-        status, body = Rest(self.rest.base).call("GET", "/api/v2/version", timeout=10)
+        status, body = self.rest.call("GET", f"{self.rest.api}/version", timeout=10)
         return status == 200 and body
 
     def _check_alive(self):
@@ -234,7 +277,7 @@ class Deployment:
 
     def _dags_parsed(self):
         self._check_alive()
-        return all(self.rest.call("GET", f"/api/v2/dags/{d}", timeout=20)[0] == 200 for d in DAG_IDS)
+        return all(self.rest.call("GET", f"{self.rest.api}/dags/{d}", timeout=20)[0] == 200 for d in self.dag_ids)
 
     def exited(self) -> dict:
         """Components that are no longer running: name -> exit code."""
@@ -247,8 +290,8 @@ class Deployment:
             say(f"{self.tag} {name} had exited ({rc}); restarting it ({why})")
             self.restarts.append({"component": name, "returncode": rc, "when": why})
             self._spawn(name)
-        if "api-server" in dead:
-            wait_for("the restarted api-server", self._api_up, timeout=240, interval=2)
+        if self.components[0] in dead:
+            wait_for(f"the restarted {self.components[0]}", self._api_up, timeout=240, interval=2)
             self.rest.login()
         if "scheduler" in dead:
             before = self.heartbeats().get("SchedulerJob")
@@ -311,6 +354,15 @@ class Deployment:
             rows = conn.execute(sa.text("SELECT job_type, MAX(latest_heartbeat) FROM job WHERE state = 'running' GROUP BY job_type")).all()
         return {job_type: utc(beat) for job_type, beat in rows}
 
+    def refusals(self) -> dict:
+        """'rule action' -> writes the guard's record counted so far (empty without the guard's record)."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT rule, action, SUM(refusals) FROM ti_guard_refusal_counts GROUP BY rule, action")).all()
+        except sa.exc.DBAPIError:
+            return {}
+        return {f"{rule} {action}": int(n) for rule, action, n in rows}
+
     def run_state(self, dag_id: str, run_id: str):
         with self.engine.connect() as conn:
             return conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r"), {"d": dag_id, "r": run_id}).scalar()
@@ -337,7 +389,8 @@ class Deployment:
     # -- REST helpers --------------------------------------------------------------------------
 
     def trigger(self, dag_id: str, run_id: str) -> dict:
-        status, body = self.rest.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
+        body = {"dag_run_id": run_id} if self.major == 2 else {"dag_run_id": run_id, "logical_date": None}
+        status, body = self.rest.call("POST", f"{self.rest.api}/dags/{dag_id}/dagRuns", body)
         if status not in (200, 201):
             raise DeploymentError(f"triggering {dag_id} ({run_id}) answered {status}: {body}")
         return {"status": status}
@@ -364,12 +417,12 @@ class Deployment:
     # -- logs ----------------------------------------------------------------------------------
 
     def log_offsets(self) -> dict:
-        return {name: self.log_path(name).stat().st_size if self.log_path(name).exists() else 0 for name in COMPONENTS}
+        return {name: self.log_path(name).stat().st_size if self.log_path(name).exists() else 0 for name in self.components}
 
     def new_bad_lines(self, offsets: dict) -> dict:
         """component -> the lines matching BAD_LOG_LINES written since `offsets`, each with the line that follows."""
         out = {}
-        for name in COMPONENTS:
+        for name in self.components:
             path = self.log_path(name)
             if not path.exists():
                 continue
@@ -512,13 +565,26 @@ def rest_marks(dep: Deployment, rid: str, out: dict):
     dep.wait_tis(dag, marks, "the long tasks running and quick done",
                  lambda s: all(s.get(t) == "running" for t in longs) and s.get("quick") == "success", timeout=240)
     for task_id, state in (("long_skip", "skipped"), ("long_fail", "failed"), ("long_success", "success"), ("quick", "skipped")):
-        calls.append(_call(dep, f"mark {task_id} {state}", "PATCH", f"/api/v2/dags/{dag}/dagRuns/{marks}/taskInstances/{task_id}",
-                           {"new_state": state}, watch=runs["marks"]))
+        calls.append(_call(dep, f"mark {task_id} {state}", "PATCH", f"{dep.rest.api}/dags/{dag}/dagRuns/{marks}/taskInstances/{task_id}",
+                           {"new_state": state, **({"dry_run": False} if dep.major == 2 else {})}, watch=runs["marks"]))
 
     runops = runs["runops"][1]
     dep.wait_tis(dag, runops, "the long tasks running", lambda s: all(s.get(t) == "running" for t in longs), timeout=240)
+    if dep.major == 2:
+        # Airflow 2.11.2: a running TI cleared over REST v1 is never run again, and whether its attempt
+        # then ends success or failed depends on the scheduler's zombie detection catching it (one of three
+        # variants failed, with and without writes of the guard's: its record showed none on that run).
+        out["clear"] = "not driven on Airflow 2: its outcome is the zombie detector's timing, guard or not"
+    else:
+        _clear_running(dep, dag, runops, runs, calls, out)
+    calls.append(_call(dep, "mark run failed", "PATCH", f"{dep.rest.api}/dags/{dag}/dagRuns/{runops}", {"state": "failed"},
+                       watch=runs["runops"]))
+    out["watch"] = {label: _watch(dep, *run) for label, run in runs.items()}
+
+
+def _clear_running(dep: Deployment, dag: str, runops: str, runs: dict, calls: list, out: dict):
     tries = dep.tis(dag, runops)["long_skip"]["try_number"]
-    calls.append(_call(dep, "clear running long_skip", "POST", f"/api/v2/dags/{dag}/clearTaskInstances",
+    calls.append(_call(dep, "clear running long_skip", "POST", f"{dep.rest.api}/dags/{dag}/clearTaskInstances",
                        {"dry_run": False, "only_failed": False, "task_ids": ["long_skip"], "dag_run_id": runops},
                        watch=runs["runops"]))
     try:
@@ -528,9 +594,6 @@ def rest_marks(dep: Deployment, rid: str, out: dict):
     except DeploymentError as exc:  # recorded: what clearing did is the measurement
         out["cleared_task_ran_again"] = False
         out["clear_wait"] = str(exc)
-    calls.append(_call(dep, "mark run failed", "PATCH", f"/api/v2/dags/{dag}/dagRuns/{runops}", {"state": "failed"},
-                       watch=runs["runops"]))
-    out["watch"] = {label: _watch(dep, *run) for label, run in runs.items()}
 
 
 def fail_fast(dep: Deployment, rid: str, out: dict):
@@ -568,7 +631,7 @@ def race(dep: Deployment, rid: str, out: dict):
 
 # The stale scheduler of `schedule_tis`, run with the Airflow venv's python and the deployment's env
 # (AIRFLOW_HOME, sql_alchemy_conn): it reads the DagRun and the TI with an ORM session, attaches the
-# task as the scheduler does (`DBDagBag.get_dag_for_run`, `dag.get_task`), sets the TI's in-memory
+# task as the scheduler does (`DBDagBag.get_dag_for_run`; 2.x `DagBag(read_dags_from_db=True)`; `dag.get_task`), sets the TI's in-memory
 # state to what a stale read saw (NULL, without dirtying the object: nothing else is flushed), calls
 # the real `DagRun.schedule_tis`, reads the row in the same transaction (what the UPDATE left: no other
 # writer can move it while the row lock is held) and commits; then reads the row again on a fresh
@@ -581,7 +644,6 @@ out = {}
 try:
     from sqlalchemy import select
     from sqlalchemy.orm.attributes import set_committed_value
-    from airflow.models.dagbag import DBDagBag
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance as TI
     from airflow.utils.session import create_session
@@ -590,7 +652,12 @@ try:
         dag_run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).one()
         ti = session.scalars(select(TI).where(*where)).one()
         out["read"] = {"state": ti.state, "try_number": ti.try_number}
-        dag_run.dag = DBDagBag().get_dag_for_run(dag_run=dag_run, session=session)
+        try:
+            from airflow.models.dagbag import DBDagBag
+            dag_run.dag = DBDagBag().get_dag_for_run(dag_run=dag_run, session=session)
+        except ImportError:  # Airflow 2: the scheduler's serialized DAG
+            from airflow.models.dagbag import DagBag
+            dag_run.dag = DagBag(read_dags_from_db=True).get_dag(dag_id, session=session)
         ti.task = dag_run.dag.get_task(task_id)
         set_committed_value(ti, "state", None)
         out["returned"] = dag_run.schedule_tis([ti], session=session)
@@ -625,7 +692,9 @@ def _attempt_logs(dep: Deployment, dag_id: str, run_id: str, task_id: str) -> di
     out = {}
     for path in sorted((dep.home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt=*.log")):
         text = path.read_text(errors="replace")
-        out[path.stem.split("=", 1)[1]] = {"told to stop": "shouldn't be running anymore" in text or "409 Conflict" in text}
+        # 3.x: the heartbeat's 409; 2.x: LocalTaskJob's "State of this instance has been externally set to ..."
+        told = any(m in text for m in ("shouldn't be running anymore", "409 Conflict", "has been externally set to"))
+        out[path.stem.split("=", 1)[1]] = {"told to stop": told}
     return out
 
 
@@ -672,13 +741,14 @@ def run_deployment(version: str, backend: str, admin_url: str, cases, variants, 
     try:
         dep.start(result["timings"])
         result["server"] = dep.server
-        result["api_version"] = dep.rest.call("GET", "/api/v2/version")[1]
+        result["api_version"] = dep.rest.call("GET", f"{dep.rest.api}/version")[1]
         for variant in variants:
             t0 = time.monotonic()
             out = result["variants"][variant] = {"restarted_before": dep.restart_dead(f"before variant {variant}")}
             out["guard"] = dep.guard(variant)
             offsets = dep.log_offsets()
             beats_before = dep.heartbeats()
+            recorded_before = dep.refusals()
             rid = f"tg_{variant}_{uuid.uuid4().hex[:6]}"
             dep.deadline = time.monotonic() + VARIANT_TIMEOUT
             say(f"{dep.tag} variant {variant}: {out['guard']['command']} -> rc {out['guard']['rc']}; cases {', '.join(cases)} ({rid})")
@@ -692,6 +762,8 @@ def run_deployment(version: str, backend: str, admin_url: str, cases, variants, 
             for case in out["cases"].values():
                 case["final"] = {label: {"run": dep.run_state(*run), "tis": dep.tis(*run)} for label, run in case.get("runs", {}).items()}
             out["exited"] = dep.exited()
+            # What the guard kept or refused during the variant, from its own record (shown, not asserted).
+            out["recorded"] = {k: n - recorded_before.get(k, 0) for k, n in dep.refusals().items() if n != recorded_before.get(k, 0)}
             beats_after = dep.heartbeats()
             now = now_utc()
             sched_before, sched_after = beats_before.get("SchedulerJob"), beats_after.get("SchedulerJob")

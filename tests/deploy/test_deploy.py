@@ -8,10 +8,13 @@ did, except where EXPECTED below says otherwise. Universal properties are assert
 no component exited, the scheduler kept heartbeating, no new traceback in a component's log.
 
 Matrix: TI_GUARD_DEPLOY_MATRIX=default (CI: 3.3.2 on PostgreSQL, MariaDB and MySQL 9.7 with every
-case, 3.1.8 on PostgreSQL with the race and schedule_tis), =full (3.3.2 and 3.1.8 x PostgreSQL, MariaDB
-and MySQL 9.7, every case), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql9`.
+case, 3.1.8 on PostgreSQL with the race and schedule_tis, 2.11.2 on PostgreSQL with the race and
+the run timeout), =full (3.3.2, 3.1.8 and 2.11.2 x PostgreSQL, MariaDB and MySQL 9.7, every case of
+the version), or an explicit list such as `3.3.2-postgresql:race+timeout,3.1.8-mysql9,2.11.2-postgresql`.
 Backend ids as in tests/conftest.py: `mysql` is MariaDB, `mysql9` Oracle MySQL 9.7; an EXPECTED entry
 for `mysql` holds for both (the guard's SQL is the same) unless a `mysql9` entry says otherwise.
+Airflow 2 runs as `airflow webserver` (REST API v1, basic auth) and `airflow scheduler` (LocalExecutor,
+its DAG parsing, LocalTaskJob heartbeats).
 TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
 TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
 Work dirs (every component's log, task logs, markers) are kept when a check failed and named
@@ -76,6 +79,15 @@ EXPECTED = {
     # ... and on MariaDB the second writer (set_state, not enforced on MySQL) skips join anyway.
     ("3.1.8", "mysql", "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "skipped",
                                                    "other": "upstream_failed"}},
+    # 2.11.2 raise: SkipMixin's racy UPDATE is refused with an error in the branch's own process: the
+    # branch fails, `other` ends upstream_failed, and no skipmixin XCom is written, so no second writer.
+    ("2.11.2", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
+                                                "other": "upstream_failed"}},
+    # 2.11.2 on MariaDB: set_state_skip is enforced on Airflow 2 tables (by value), so the REST mark of
+    # the running long_skip is kept as on PostgreSQL.
+    ("2.11.2", "mysql", "raise", "rest_marks"): {"marks": {"long_skip": "success"}},
+    ("2.11.2", "mysql", "ignore", "rest_marks"): {"marks": {"long_skip": "success"}},
+    ("2.11.2", "mysql", "ignore", "race"): _RACE_GUARDED,
     # A stale scheduler's schedule_tis over the running `sleeps`: the task ends success in every variant
     # (without the guard on 3.1.8 only after running twice); STALE_SCHEDULE below says how.
     (ALL, ALL, ALL, "schedule_tis"): {"schedule_tis": {"@run": "success", "sleeps": "success"}},
@@ -97,6 +109,12 @@ STALE_SCHEDULE = {
     ("3.1.8", ALL, "none", "schedule_tis"): {"returned": 1, "error": None, "state right after": "scheduled",
                                             "final state": "success", "try_number": 2, "starts": 2,
                                             "first attempt told to stop": True},
+    # 2.11.2 without the guard: the running TI goes back to scheduled with try_number 2 and runs a second
+    # time while the first attempt still runs: its LocalTaskJob is not told to stop, its heartbeat fails
+    # ("PID of job runner does not match", the second attempt's LocalTaskJob took the row) until it ends.
+    ("2.11.2", ALL, "none", "schedule_tis"): {"returned": 1, "error": None, "state right after": "scheduled",
+                                             "final state": "success", "try_number": 2, "starts": 2,
+                                             "first attempt told to stop": False},
     # 3.3.2's WHERE (state IS NULL OR up_for_retry / up_for_reschedule) matches no row: nothing to keep.
     ("3.3.2", ALL, ALL, "schedule_tis"): {**_NOT_OVERWRITTEN, "returned": 0},
 }
@@ -107,11 +125,14 @@ KNOWN_TRACEBACKS = {
 }
 
 ALL_CASES = tuple(deployment.CASES)
-VERSIONS = ("3.3.2", "3.1.8")
+# Airflow 2 has the run timeout, REST marks (API v1), the race and schedule_tis; fail_fast and the
+# deferral cases are Airflow 3's (their writers do not reach a protected row to skip it).
+CASES_BY_MAJOR = {3: ALL_CASES, 2: ("timeout", "rest_marks", "race", "schedule_tis")}
+VERSIONS = ("3.3.2", "3.1.8", "2.11.2")
 BACKENDS = main_conftest.SERVERS
 DEFAULT_MATRIX = [("3.3.2", "postgresql", ALL_CASES), ("3.3.2", "mysql", ALL_CASES), ("3.3.2", "mysql9", ALL_CASES),
-                  ("3.1.8", "postgresql", ("race", "schedule_tis"))]
-FULL_MATRIX = [(v, b, ALL_CASES) for v in VERSIONS for b in BACKENDS]
+                  ("3.1.8", "postgresql", ("race", "schedule_tis")), ("2.11.2", "postgresql", ("race", "timeout"))]
+FULL_MATRIX = [(v, b, CASES_BY_MAJOR[int(v.split(".")[0])]) for v in VERSIONS for b in BACKENDS]
 ADMIN_URLS = main_conftest.SERVER_URLS
 RESULTS = Path(os.environ.get("TI_GUARD_DEPLOY_RESULTS", deployment.REPO / ".pytest_cache" / "ti-guard-deploy.json"))
 HEARTBEAT_MAX_AGE = 30
@@ -127,7 +148,7 @@ def _matrix():
     for item in filter(None, (i.strip() for i in spec.split(","))):
         combo, _, cases = item.partition(":")
         version, _, backend = combo.partition("-")
-        chosen = tuple(c for c in cases.split("+") if c) if cases else ALL_CASES
+        chosen = tuple(c for c in cases.split("+") if c) if cases else CASES_BY_MAJOR[int(version.split(".")[0])]
         unknown = set(chosen) - set(ALL_CASES)
         if backend not in BACKENDS or unknown:
             raise pytest.UsageError(f"TI_GUARD_DEPLOY_MATRIX: cannot read {item!r} (backends {BACKENDS}, cases {ALL_CASES})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy
+from ..policy import BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -92,7 +92,7 @@ def enforced_rules(dialect: str, policy: Policy, columns=None):
 
 
 # For backends that see which columns a statement writes: the column that carries a signature.
-SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number"}
+SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number", ENDS_IN_ONE_STATEMENT: "end_date"}
 
 
 def rule_condition(q: Quoter, rule, olds, same: str) -> str:
@@ -100,7 +100,7 @@ def rule_condition(q: Quoter, rule, olds, same: str) -> str:
     half of the signature is the trigger's `UPDATE OF`). `same` is the backend's null-safe
     equality, with {a} and {b} for its operands."""
     condition = f"NEW.state = {q.literal(rule.new_state)} AND OLD.state IN ({q.in_list(olds)})"
-    if rule.signature == ENDS_WITHOUT_NEXT_METHOD:
+    if rule.signature in (ENDS_WITHOUT_NEXT_METHOD, ENDS_IN_ONE_STATEMENT):
         kept = same.format(a="NEW.start_date", b="OLD.start_date")
         condition += f" AND NEW.end_date IS NOT NULL AND {kept}"
     return condition

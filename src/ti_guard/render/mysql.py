@@ -23,7 +23,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNT_BUCKETS, COUNTS_TABLE, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
+from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNT_BUCKETS, COUNTS_TABLE, ENDS_IN_ONE_STATEMENT, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
 from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
@@ -34,8 +34,10 @@ _VERIFIED = "CONCAT(@ti_guard_bypass, '@', NOW(6))"
 MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
-# set_state_skip is not enforced: set_state and a task's own finish write the same values.
-SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER})
+# set_state_skip on Airflow 3 tables is not enforced: set_state and a task's own finish write the
+# same values. On Airflow 2 tables it is, by value: set_state sets end_date with the skip, a 2.x
+# task that skips itself writes the state alone (end_date unchanged) and end_date a commit later.
+SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 
 
 def _nested(tests: list[str], action: str, depth: int = 1) -> str:
@@ -53,6 +55,8 @@ def _signature_test(signature: str) -> str:
         # equal the old start_date, so an end_date newly set to start_date counts too.
         return ("NOT (NEW.start_date <=> OLD.start_date)"
                 " OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)")
+    if signature == ENDS_IN_ONE_STATEMENT:
+        return "NEW.end_date IS NOT NULL AND NOT (NEW.end_date <=> OLD.end_date) AND NEW.start_date <=> OLD.start_date"
     if signature == BUMPS_TRY_NUMBER:
         # schedule_tis adds one to try_number of every row that is not up_for_reschedule.
         return "NOT (NEW.try_number <=> OLD.try_number)"

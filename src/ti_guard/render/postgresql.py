@@ -7,7 +7,9 @@ signature is tested on the statement itself:
 - racy_skip: `BEFORE UPDATE OF start_date`. The racy skip routes always write start_date; a
   task's own finish, the run timeout and `TaskInstance.set_state` on a started row never do.
 - stale_schedule: `BEFORE UPDATE OF try_number`. `schedule_tis` always writes try_number.
-- set_state_skip: `BEFORE UPDATE OF state`, kept unless the statement also wrote next_method
+- set_state_skip on Airflow 2 tables: `BEFORE UPDATE OF end_date`. set_state writes the skip
+  and its end_date in one statement; a 2.x task that skips itself writes the state alone first.
+- set_state_skip on Airflow 3 tables: `BEFORE UPDATE OF state`, kept unless the statement also wrote next_method
   (Airflow 3's own finish always does, `set_state` never does). A trigger cannot ask whether a
   column was left out of SET, so a companion trigger `BEFORE UPDATE OF next_method` with the
   same WHEN marks the row for the statement, and the keep trigger, which fires right after it
@@ -25,6 +27,7 @@ from ..policy import (
     BUMPS_TRY_NUMBER,
     COUNT_BUCKETS,
     COUNTS_TABLE,
+    ENDS_IN_ONE_STATEMENT,
     ENDS_WITHOUT_NEXT_METHOD,
     RECORD_ROWS,
     RECORD_SEQUENCE,
@@ -36,7 +39,7 @@ from ..policy import (
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
 BYPASS_SETTING = "ti_guard.bypass"
-SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER})
+SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 
 # TG_ARGV[0]: raise | keep | audit | mark; TG_ARGV[1]: the rule's name; TG_ARGV[2], when given:
 # the row is let through if it was marked for this statement (ti_guard.decided): by the companion

@@ -4,7 +4,12 @@ SQLite resolves `UPDATE OF` when it compiles a statement, so writes that do not 
 column pay nothing at all. Like PostgreSQL it knows which columns a statement writes, so the
 racy skip routes are told by the start_date they write. It cannot tell a statement that left
 next_method out of SET from one that wrote it (a trigger can neither mark a row for another
-nor change NEW), so set_state_skip is not enforced here. RAISE() takes only a literal message
+nor change NEW), so set_state_skip is not enforced on Airflow 3 tables. On Airflow 2 tables it
+is told by `UPDATE OF end_date` (set_state writes the skip and end_date in one statement, a 2.x
+task that skips itself the state alone first); its writers check the rowcount (the scheduler's
+ORM), so the row is kept by an AFTER trigger that writes the old values back: the statement
+still counts it (recursive_triggers is off, so that write fires no trigger of its own).
+RAISE() takes only a literal message
 in the SQLite versions Python ships (3.40 here): the message names the rule, not the row.
 RAISE(IGNORE) drops the row from the statement's count; only bulk Core writers (which do not
 check the count) meet racy_skip and stale_schedule.
@@ -15,10 +20,23 @@ from __future__ import annotations
 from sqlalchemy.dialects import sqlite
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, COUNT_BUCKETS, COUNTS_TABLE, KEEP, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
+from ..policy import (
+    BUMPS_TRY_NUMBER,
+    COUNT_BUCKETS,
+    COUNTS_TABLE,
+    ENDS_IN_ONE_STATEMENT,
+    KEEP,
+    RAISE,
+    RECORD_ROWS,
+    RECORD_TABLE,
+    STAMPS_START,
+    Policy,
+    short_hash,
+)
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
-SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER})
+SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
+KEY_COLUMNS = ("dag_id", "task_id", "run_id", "map_index")
 
 
 def render(policy: Policy, columns=None) -> list[GuardObject]:
@@ -33,11 +51,14 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
                 " (a task instance that a worker started or that finished is not overwritten by another writer)"
             )
             steps = f"    SELECT RAISE(ABORT, {q.literal(message)});"
+        elif rule.signature == ENDS_IN_ONE_STATEMENT:
+            steps = _record(q, rule.name, action) + (_restore(q, rule, columns) if action == KEEP else "")
         else:
             # RAISE(IGNORE) rolls nothing back: the record written before it stays.
             steps = _record(q, rule.name, action) + ("\n    SELECT RAISE(IGNORE);" if action == KEEP else "")
+        when = "AFTER" if rule.signature == ENDS_IN_ONE_STATEMENT else "BEFORE"
         tail = (
-            f"BEFORE UPDATE OF {q.ident(SIGNATURE_COLUMN[rule.signature])} ON {q.ident(policy.table)}\n"
+            f"{when} UPDATE OF {q.ident(SIGNATURE_COLUMN[rule.signature])} ON {q.ident(policy.table)}\n"
             f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}')}\n"
             f"BEGIN\n{steps}\nEND"
         )
@@ -54,6 +75,13 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
             )
         )
     return objects
+
+
+def _restore(q: Quoter, rule, columns) -> str:
+    """Keep a row the statement still counts: write the rule's writers' columns back (AFTER trigger)."""
+    restored = ", ".join(f"{q.ident(c)} = OLD.{q.ident(c)}" for c in rule.writes if columns is None or c in columns)
+    key = " AND ".join(f"{q.ident(c)} = OLD.{q.ident(c)}" for c in KEY_COLUMNS)
+    return f"\n    UPDATE {q.ident(q.policy.table)} SET {restored}\n    WHERE {key};"
 
 
 def _record(q: Quoter, rule: str, action: str) -> str:

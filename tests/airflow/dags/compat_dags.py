@@ -8,10 +8,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.exceptions import AirflowSkipException
-from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.providers.standard.operators.python import BranchPythonOperator, ShortCircuitOperator
-from airflow.providers.standard.sensors.python import PythonSensor
-from airflow.sdk import DAG, task
+
+try:  # Airflow 3: the standard provider and the task SDK
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.providers.standard.operators.python import BranchPythonOperator, ShortCircuitOperator
+    from airflow.providers.standard.sensors.python import PythonSensor
+    from airflow.sdk import DAG, task
+except ImportError:  # Airflow 2.x: the same operators in the core package
+    from airflow.decorators import task
+    from airflow.models.dag import DAG
+    from airflow.operators.empty import EmptyOperator
+    from airflow.operators.python import BranchPythonOperator, ShortCircuitOperator
+    from airflow.sensors.python import PythonSensor
 
 START = datetime(2024, 1, 1)
 

@@ -12,13 +12,25 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.providers.standard.operators.bash import BashOperator
-from airflow.providers.standard.operators.python import BranchPythonOperator
-from airflow.providers.standard.sensors.python import PythonSensor
-from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
-from airflow.sdk import DAG, BaseOperator
+try:  # Airflow 3: the standard provider and the task SDK
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.providers.standard.operators.python import BranchPythonOperator
+    from airflow.providers.standard.sensors.python import PythonSensor
+    from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+    from airflow.sdk import DAG, BaseOperator
 
-try:  # 3.3 moved it to the SDK and deprecates the old name; 3.1 has only the old one
+    AIRFLOW_2 = False
+except ImportError:  # Airflow 2.x: the same classes in the core package
+    from airflow.models.baseoperator import BaseOperator
+    from airflow.models.dag import DAG
+    from airflow.operators.bash import BashOperator
+    from airflow.operators.python import BranchPythonOperator
+    from airflow.sensors.python import PythonSensor
+    from airflow.triggers.temporal import TimeDeltaTrigger
+
+    AIRFLOW_2 = True
+
+try:  # 3.3 moved it to the SDK and deprecates the old name; 3.1 and 2.x have only the old one
     from airflow.sdk.exceptions import AirflowSkipException
 except ImportError:
     from airflow.exceptions import AirflowSkipException
@@ -50,7 +62,7 @@ with _dag("deploy_rest_marks"):
 
 
 # 3. fail_fast: one task fails, its running sibling is stopped by Airflow.
-with _dag("deploy_fail_fast", fail_fast=True):
+with _dag("deploy_fail_fast", **{"fail_stop" if AIRFLOW_2 else "fail_fast": True}):
     BashOperator(task_id="fails", bash_command="sleep 5; exit 1")
     BashOperator(task_id="sibling", bash_command=_marked("sibling", "sleep 60"))
 
