@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from ti_guard import catalog, installation
 from ti_guard.revisions import head_revision
-from ti_guard.policy import SETTINGS_TABLE, VERSION_TABLE, Policy
+from ti_guard.policy import COUNTS_TABLE, RECORD_TABLE, SETTINGS_TABLE, VERSION_TABLE, Policy
 
 
 _DDL = re.compile(r"\s*(CREATE|DROP|ALTER)\b", re.I)
@@ -49,7 +49,7 @@ def complete(db, policies) -> list[Policy]:
 
 
 def assert_converged(db, policy: Policy) -> None:
-    """Exactly the policy's guard: status current, the objects, the settings record, our two tables."""
+    """Exactly the policy's guard: status current, the objects, the settings record, our four tables."""
     assert db.cli("status") == 0
     assert installed(db) == expected(db, policy)
     with db.engine.connect() as conn:
@@ -58,7 +58,7 @@ def assert_converged(db, policy: Policy) -> None:
     assert (settings["mode"], settings["protect"]) == (policy.mode, policy.protect_csv)
     assert settings["definition"] == ",".join(expected(db, policy))
     assert version == [head_revision()]
-    assert ours(db) == {SETTINGS_TABLE, VERSION_TABLE}
+    assert ours(db) == {SETTINGS_TABLE, VERSION_TABLE, RECORD_TABLE, COUNTS_TABLE}
 
 
 def assert_nothing(db) -> None:
