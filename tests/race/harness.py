@@ -428,6 +428,10 @@ def summary(results: list[Result]) -> str:
             else:
                 parts.append("with it " + " and ".join(
                     f"{r.overwritten} + {r.schedule_overwritten} rows overwritten and {r.kills} killed in {r.variant} mode {through(r)}" for r in guarded))
+        if "audit" in by:
+            a = by["audit"]
+            parts.append(f"in audit mode every write went through ({a.overwritten} + {a.schedule_overwritten} rows overwritten, {a.kills} killed) "
+                         f"and the guard's record counted {a.recorded_by('racy_skip')} + {a.recorded_by('stale_schedule')} of them")
         lines.append(f"- {backend}: " + "; ".join(parts) + ".")
     return "\n".join(lines)
 
