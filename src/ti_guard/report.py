@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from . import record
 from .errors import GuardError
 from .policy import RECORD_ROWS, Policy
+from .render import dialect_name
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 COUNT_KEY = ("rule", "action", "old_state", "new_state")
@@ -87,7 +88,7 @@ def _utcnow(conn) -> dt.datetime:
         "postgresql": "SELECT statement_timestamp() AT TIME ZONE 'UTC'",
         "mysql": "SELECT UTC_TIMESTAMP(6)",
         "sqlite": "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')",
-    }[conn.dialect.name if conn.dialect.name != "mariadb" else "mysql"]
+    }[dialect_name(conn.dialect.name)]
     value = conn.exec_driver_sql(now).scalar()
     return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
 
