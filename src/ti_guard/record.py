@@ -89,10 +89,14 @@ def fill(details: sa.Table) -> sa.Insert:
     return details.insert().from_select(["slot"], rows)
 
 
+def _compiled(clause, dialect: sa.engine.Dialect) -> str:
+    return str(clause.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).strip()
+
+
 def create_statements(dialect: sa.engine.Dialect, policy: Policy, only: sa.Table | None = None) -> list[str]:
     """The record's DDL and the ring's fill, compiled for `dialect`: all of it, or one table's."""
     def compiled(clause) -> str:
-        return str(clause.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).strip()
+        return _compiled(clause, dialect)
 
     out = []
     if dialect_name(dialect.name) == "postgresql" and only is None:
@@ -108,7 +112,7 @@ def create_statements(dialect: sa.engine.Dialect, policy: Policy, only: sa.Table
 
 def drop_statements(dialect: sa.engine.Dialect, policy: Policy) -> list[str]:
     def compiled(clause) -> str:
-        return str(clause.compile(dialect=dialect)).strip()
+        return _compiled(clause, dialect)
 
     out = [compiled(sa.schema.DropTable(table, if_exists=True)) for table in tables(policy)]
     if dialect_name(dialect.name) == "postgresql":
