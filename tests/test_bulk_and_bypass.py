@@ -8,10 +8,7 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-from conftest import one_line_error
 from ti_guard import airflow_writes as aw
-from ti_guard import cli
-from ti_guard.errors import explain
 from ti_guard.policy import Policy
 from ti_guard.runtime import bypass
 
@@ -98,38 +95,6 @@ def test_postgresql_set_local_is_the_documented_override(pg_db):
     assert _states(server_db, table)["a"] == "skipped"
 
 
-def test_mysql_user_variable_outliving_its_transaction_is_refused(mysql_db):
-    """One pooled connection: a bypass set in one transaction must not lift the guard in the next."""
-    server_db = mysql_db
-    table = server_db.table()
-    server_db.install()
-    _seed(server_db, table)
-    pooled = sa.create_engine(server_db.url, pool_size=1, max_overflow=0)
-    try:
-        with pooled.connect() as conn:
-            with conn.begin():
-                with bypass(conn, Policy.build()):
-                    conn.execute(_racy(table, "a"))
-        with pooled.connect() as conn:  # the pool hands the same connection back ...
-            with conn.begin():  # ... and an operator forgot to reset the variable by hand:
-                conn.exec_driver_sql(
-                    "SET @ti_guard_bypass = (SELECT trx_id FROM information_schema.INNODB_TRX "
-                    "WHERE trx_mysql_thread_id = CONNECTION_ID())"
-                )
-            first_id = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-        with pooled.connect() as conn:
-            assert conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar() == first_id
-            assert conn.exec_driver_sql("SELECT @ti_guard_bypass").scalar() is not None  # still set
-            conn.rollback()
-            # Right away, while INNODB_TRX's cache may still show the previous transaction:
-            with pytest.raises(sa.exc.DBAPIError, match="ti_guard: refused"):
-                with conn.begin():
-                    conn.execute(_racy(table, "b"))
-    finally:
-        pooled.dispose()
-    assert _states(server_db, table) == {**STATES, "a": "skipped"}
-
-
 def test_set_state_command_repairs_one_row(db, capsys):
     table = db.table()
     db.install()
@@ -141,37 +106,3 @@ def test_set_state_command_repairs_one_row(db, capsys):
     assert rc == 0 and "success -> skipped" in capsys.readouterr().out
     assert _states(db, table) == {**STATES, "b": "skipped"}
     assert db.cli("set-state", "--dag-id", "d", "--task-id", "nope", "--run-id", "r", "--state", "skipped") == 2
-
-
-def test_mysql_bypass_needs_process_in_the_session_and_in_the_definer(mysql_db, capsys):
-    """The MySQL bypass reads INFORMATION_SCHEMA.INNODB_TRX in the repairing session and, inside the
-    trigger, as its DEFINER; both need PROCESS (MariaDB and MySQL 9 alike). Without it: one line
-    naming PROCESS and the grant, the row as it was; after the grant, the same repair goes through."""
-    table = mysql_db.table()
-    _seed(mysql_db, table)
-    with mysql_db.engine.begin() as conn:  # without the guard the racy route overwrites finished rows
-        conn.execute(_racy(table, "b"))
-    assert _states(mysql_db, table)["b"] == "skipped"
-    _seed(mysql_db, table)
-    with mysql_db.account(("ALL PRIVILEGES",), database_wide=True) as url, mysql_db.trusting_function_creators():
-        account = sa.engine.make_url(url).username
-        assert cli.main(["install", "--url", url, "--mode", "raise"]) == 0  # the triggers' DEFINER lacks PROCESS
-        capsys.readouterr()
-        assert cli.main(["doctor", "--url", url]) == 1
-        assert "lacks PROCESS: a repair under the bypass then fails with error 1227" in capsys.readouterr().out
-        # The session side: set-state as an operator without PROCESS.
-        assert cli.main(["set-state", "--url", url, "--dag-id", "d", "--task-id", "b", "--run-id", "r", "--state", "skipped"]) == 2
-        one_line_error(capsys, "INNODB_TRX, which needs the PROCESS privilege", "GRANT PROCESS ON *.*", "nothing was changed")
-        # The trigger side: a repair by root (which has PROCESS) meets the DEFINER's missing PROCESS.
-        with pytest.raises(sa.exc.DBAPIError) as refused:
-            with mysql_db.engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
-                conn.execute(_racy(table, "c"))
-        assert refused.value.orig.args[0] == 1227
-        assert "GRANT PROCESS ON *.* to the repairing account and to the DEFINER" in str(explain(refused.value))
-        assert _states(mysql_db, table) == STATES  # both left the rows as they were
-        mysql_db.sql(f"GRANT PROCESS ON *.* TO {mysql_db.engine.dialect.identifier_preparer.quote(account)}@'%'")
-        assert cli.main(["set-state", "--url", url, "--dag-id", "d", "--task-id", "b", "--run-id", "r", "--state", "skipped"]) == 0
-        with mysql_db.engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
-            conn.execute(_racy(table, "c"))
-        assert _states(mysql_db, table) == {**STATES, "b": "skipped", "c": "skipped"}
-        assert cli.main(["uninstall", "--url", url]) == 0

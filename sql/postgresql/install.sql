@@ -65,16 +65,33 @@ CREATE TABLE ti_guard_refusal_counts (
 );
 
 
-CREATE OR REPLACE FUNCTION ti_guard_guard_a3e66481() RETURNS trigger
+DO $ti_guard_install$
+DECLARE
+    s text := current_schema();
+BEGIN
+    IF s IS NULL OR to_regclass(format('%I.%I', s, 'task_instance')) IS NULL THEN
+        RAISE EXCEPTION USING MESSAGE = 'ti_guard: no table task_instance in the current schema ' || coalesce(s, '(none)') || ': SET search_path to Airflow''s schema first, or render the SQL for it (ti-guard sql --schema NAME)';
+    END IF;
+    IF position('$ti_guard' in s) > 0 THEN
+        RAISE EXCEPTION USING MESSAGE = 'ti_guard: the schema name holds $ti_guard, which quotes the guard function''s body: rename the schema';
+    END IF;
+    EXECUTE replace(replace($ti_guard_function$CREATE OR REPLACE FUNCTION ti_guard_guard_f329f6fc() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $ti_guard$
 DECLARE
+    seq regclass;
     n bigint;
+    lane bigint;
 BEGIN
-    IF current_setting('ti_guard.bypass', true) = 'on' THEN
+    IF TG_TABLE_SCHEMA <> @ti_guard_schema_literal@ OR TG_TABLE_NAME <> 'task_instance' THEN
         RETURN NEW;
+    END IF;
+    IF current_setting('ti_guard.bypass', true) = 'on' THEN
+        IF has_table_privilege(session_user, TG_RELID, 'TRIGGER') THEN
+            RETURN NEW;
+        END IF;
     END IF;
     IF TG_ARGV[0] = 'mark' THEN
         PERFORM set_config('ti_guard.decided', concat_ws(chr(31), OLD.dag_id, OLD.task_id, OLD.run_id, OLD.map_index, statement_timestamp()), true);
@@ -90,19 +107,26 @@ BEGIN
             MESSAGE = format('ti_guard: refused %s -> %s for dag_id=%s task_id=%s map_index=%s run_id=%s',
                              OLD.state, NEW.state, OLD.dag_id, OLD.task_id, OLD.map_index, OLD.run_id),
             DETAIL = format('Rule %s: a task instance that a worker started or that finished is not overwritten by another writer.', TG_ARGV[1]),
-            HINT = 'For a deliberate repair: SET LOCAL ti_guard.bypass = ''on'' in the same transaction, or ti-guard set-state.';
+            HINT = 'For a deliberate repair by an account with TRIGGER on the table: SET LOCAL ti_guard.bypass = ''on'' in the same transaction, or ti-guard set-state.';
     END IF;
-    PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', TG_TABLE_SCHEMA), true);
-    IF to_regclass('ti_guard_refusal_seq') IS NOT NULL AND to_regclass('ti_guard_refusals') IS NOT NULL AND to_regclass('ti_guard_refusal_counts') IS NOT NULL THEN
-        n := nextval('ti_guard_refusal_seq');
-        UPDATE ti_guard_refusals SET seq = n, refused_at = statement_timestamp() AT TIME ZONE 'UTC',
+    seq := to_regclass(format('%I.%I', @ti_guard_schema_literal@, 'ti_guard_refusal_seq'));
+    IF seq IS NOT NULL AND to_regclass(format('%I.%I', @ti_guard_schema_literal@, 'ti_guard_refusals')) IS NOT NULL
+            AND to_regclass(format('%I.%I', @ti_guard_schema_literal@, 'ti_guard_refusal_counts')) IS NOT NULL THEN
+        n := nextval(seq);
+        -- A slot another open transaction holds is skipped, never waited for: the count below still counts.
+        UPDATE @ti_guard_schema@.ti_guard_refusals SET seq = n, refused_at = statement_timestamp() AT TIME ZONE 'UTC',
             rule = TG_ARGV[1], action = TG_ARGV[0], old_state = OLD.state, new_state = NEW.state,
             dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index,
             writer_user = session_user, writer_application = current_setting('application_name', true),
             writer_address = host(inet_client_addr()), writer_pid = pg_backend_pid()
-        WHERE slot = n % 10000;
-        INSERT INTO ti_guard_refusal_counts AS c (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
-        VALUES ((statement_timestamp() AT TIME ZONE 'UTC')::date, TG_ARGV[1], TG_ARGV[0], OLD.state, NEW.state, pg_backend_pid(), n % 1000, 1)
+        WHERE slot = (SELECT r.slot FROM @ti_guard_schema@.ti_guard_refusals r WHERE r.slot = n OPERATOR(pg_catalog.%) 10000 FOR UPDATE SKIP LOCKED);
+        lane := 0;
+        FOR i IN 1..128 LOOP
+            EXIT WHEN pg_try_advisory_xact_lock(1952997735, lane::integer);
+            lane := CASE WHEN i = 128 THEN 128 + pg_backend_pid() ELSE (lane + 1) OPERATOR(pg_catalog.%) 128 END;
+        END LOOP;
+        INSERT INTO @ti_guard_schema@.ti_guard_refusal_counts AS c (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+        VALUES ((statement_timestamp() AT TIME ZONE 'UTC')::date, TG_ARGV[1], TG_ARGV[0], OLD.state, NEW.state, lane, n OPERATOR(pg_catalog.%) 1000, 1)
         ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = c.refusals + 1;
     END IF;
     IF TG_ARGV[0] = 'audit' THEN
@@ -112,34 +136,40 @@ BEGIN
     END IF;
     RETURN OLD;
 END
-$ti_guard$;
+$ti_guard$$ti_guard_function$,
+        '@ti_guard_schema@', '"' || replace(s, '"', '""') || '"'), '@ti_guard_schema_literal@', quote_literal(s));
+END
+$ti_guard_install$;
 
 
-CREATE TRIGGER ti_guard_racy_skip_9e8caadf BEFORE UPDATE OF start_date ON task_instance
+REVOKE ALL ON FUNCTION ti_guard_guard_f329f6fc() FROM PUBLIC;
+
+
+CREATE TRIGGER ti_guard_racy_skip_16dd8205 BEFORE UPDATE OF start_date ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed'))
-    EXECUTE FUNCTION ti_guard_guard_a3e66481('keep', 'racy_skip');
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']))
+    EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'racy_skip');
 
 
-CREATE TRIGGER ti_guard_set_state_skip_finish_39e0212f BEFORE UPDATE OF next_method ON task_instance
+CREATE TRIGGER ti_guard_set_state_skip_finish_b788cf94 BEFORE UPDATE OF next_method ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state = 'skipped' AND OLD.state IN ('running') AND NEW.end_date IS NOT NULL AND NEW.start_date IS NOT DISTINCT FROM OLD.start_date)
-    EXECUTE FUNCTION ti_guard_guard_a3e66481('mark', 'set_state_skip');
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running']) AND NEW.end_date IS NOT NULL AND NEW.start_date IS NOT DISTINCT FROM OLD.start_date)
+    EXECUTE FUNCTION ti_guard_guard_f329f6fc('mark', 'set_state_skip');
 
 
-CREATE TRIGGER ti_guard_set_state_skip_keep_d055364c BEFORE UPDATE OF state ON task_instance
+CREATE TRIGGER ti_guard_set_state_skip_keep_59cf29cc BEFORE UPDATE OF state ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state = 'skipped' AND OLD.state IN ('running') AND NEW.end_date IS NOT NULL AND NEW.start_date IS NOT DISTINCT FROM OLD.start_date)
-    EXECUTE FUNCTION ti_guard_guard_a3e66481('keep', 'set_state_skip', 'unless_marked');
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running']) AND NEW.end_date IS NOT NULL AND NEW.start_date IS NOT DISTINCT FROM OLD.start_date)
+    EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'set_state_skip', 'unless_marked');
 
 
-CREATE TRIGGER ti_guard_stale_schedule_37f61790 BEFORE UPDATE OF try_number ON task_instance
+CREATE TRIGGER ti_guard_stale_schedule_6ea43246 BEFORE UPDATE OF try_number ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state = 'scheduled' AND OLD.state IN ('running', 'success', 'failed'))
-    EXECUTE FUNCTION ti_guard_guard_a3e66481('keep', 'stale_schedule');
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'scheduled' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']))
+    EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'stale_schedule');
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_a3e66481,ti_guard_racy_skip_9e8caadf,ti_guard_set_state_skip_finish_39e0212f,ti_guard_set_state_skip_keep_d055364c,ti_guard_stale_schedule_37f61790', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_f329f6fc,ti_guard_racy_skip_16dd8205,ti_guard_set_state_skip_finish_b788cf94,ti_guard_set_state_skip_keep_59cf29cc,ti_guard_stale_schedule_6ea43246', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING ti_guard_alembic_version.version_num;

@@ -5,19 +5,19 @@ SET lock_timeout = '2000ms';
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_schedule_37f61790 ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_stale_schedule_6ea43246 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_d055364c ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_59cf29cc ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_39e0212f ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_b788cf94 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_9e8caadf ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_16dd8205 ON task_instance;
 
 
-DROP FUNCTION IF EXISTS ti_guard_guard_a3e66481();
+DROP FUNCTION IF EXISTS ti_guard_guard_f329f6fc();
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

@@ -19,9 +19,12 @@ class Installed:
     enabled: bool = True
     definer: str | None = None
     arguments: str = ""  # a PostgreSQL function's identity arguments, which DROP FUNCTION needs
+    public_execute: bool = False  # a PostgreSQL function anyone may call (and attach to a table of their own)
 
 
-def _pg_schema(conn, policy: Policy) -> str:
+def pg_schema(conn, policy: Policy) -> str:
+    """The schema of the guarded table and of the guard's own objects: the policy's, else the
+    connection's current schema (where an unqualified CREATE puts them)."""
     return policy.schema or conn.exec_driver_sql("SELECT current_schema()").scalar()
 
 
@@ -34,15 +37,19 @@ def read(conn: sa.Connection, policy: Policy) -> dict[str, Installed]:
     dialect = dialect_name(conn.dialect.name)
     found: list[Installed] = []
     if dialect == "postgresql":
-        schema = _pg_schema(conn, policy)
+        schema = pg_schema(conn, policy)
         rows = conn.execute(
             sa.text(
-                "SELECT p.proname, p.prosrc, pg_get_function_identity_arguments(p.oid) "
+                "SELECT p.proname, p.prosrc, pg_get_function_identity_arguments(p.oid), has_function_privilege('public', p.oid, 'EXECUTE') "
                 "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :schema"
             ),
             {"schema": schema},
         )
-        found += [Installed("function", name, src.strip("\n"), arguments=args) for name, src, args in rows if name.startswith(PREFIX + "_")]
+        found += [
+            Installed("function", name, src.strip("\n"), arguments=args, public_execute=public)
+            for name, src, args, public in rows
+            if name.startswith(PREFIX + "_")
+        ]
         rows = conn.execute(
             sa.text(
                 "SELECT t.tgname, p.proname, t.tgenabled FROM pg_trigger t "

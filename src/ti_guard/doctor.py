@@ -20,7 +20,7 @@ from .db import effective_lock_timeout
 from .errors import BINLOG_ADVICE, GuardError, explain
 from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
-from .status import CRITICAL, OK, UNKNOWN, WARNING, Report
+from .status import CRITICAL, OK, UNKNOWN, UNSAFE_SEARCH_PATH, WARNING, Report
 
 TAGS = {OK: "[ok]  ", WARNING: "[warn]", CRITICAL: "[FAIL]", UNKNOWN: "[??]  "}
 WORDS = {OK: "ready", WARNING: "ready, with warnings", CRITICAL: "not ready", UNKNOWN: "unknown"}
@@ -82,7 +82,7 @@ def diagnose(conn: sa.Connection, settings, policy: Policy, head: str) -> Checku
     else:
         table_error = None
     checks = {
-        "postgresql": [_pg_server, _pg_table, _pg_privileges, _pg_lock_risk],
+        "postgresql": [_pg_server, _pg_table, _pg_privileges, _pg_security, _pg_lock_risk],
         "mysql": [_mysql_server, _mysql_privileges, _mysql_binlog, _mysql_definers, _mysql_table, _mysql_lock_risk],
         "sqlite": [_sqlite],
     }[dialect_name(conn.dialect.name)]
@@ -167,7 +167,6 @@ def _pg_server(p: Probe) -> None:
     p.report.say(OK, "server", f"PostgreSQL {version}, user {user}{' (superuser)' if superuser else ''}")
     if _scalar(p, "SELECT pg_is_in_recovery()") or _scalar(p, "SHOW transaction_read_only") == "on":
         p.report.say(CRITICAL, "server", "the connection is read-only (a replica, or default_transaction_read_only): connect to the primary")
-    p.report.say(OK, "definer", "none on PostgreSQL: triggers run as the writing user; the function is SECURITY INVOKER with a pinned search_path")
 
 
 def _pg_table(p: Probe) -> None:
@@ -183,6 +182,38 @@ def _pg_privileges(p: Probe) -> None:
     _needs(p, have, f"install needs both (the function and its own tables go in the schema); run as the owner of {p.policy.table}")
     if row and not _scalar(p, "SELECT pg_has_role(:owner, 'USAGE')", owner=row[1]):
         p.report.say(WARNING, "privileges", f"not the owner of {p.policy.table} ({row[1]}): install can create the guard but not replace or remove it (DROP TRIGGER needs the owner)")
+
+
+def _pg_security(p: Probe) -> None:
+    """The rights of what install makes (SECURITY.md), read from the catalog: the guard function's
+    SECURITY mode, pinned search_path and EXECUTE grants, and where the record is."""
+    schema, _row = p.pg_relation
+    functions = p.conn.execute(
+        sa.text(
+            "SELECT p.proname, p.prosecdef, array_to_string(p.proconfig, ', '), has_function_privilege('public', p.oid, 'EXECUTE'), "
+            "pg_get_userbyid(p.proowner), p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = :s AND p.proname LIKE 'ti\\_guard\\_%'"
+        ),
+        {"s": schema},
+    ).all()
+    if not functions:
+        p.report.say(OK, "rights", f"install makes one SECURITY DEFINER function in schema {schema!r}, owned by this user, "
+                     "search_path pinned to pg_catalog, pg_temp, EXECUTE revoked from PUBLIC; it acts on this table only and writes only the record (SECURITY.md)")
+    for name, definer, config, public, owner, body in functions:
+        pinned = config == "search_path=pg_catalog, pg_temp" and UNSAFE_SEARCH_PATH not in body
+        what = f"function {name}: {'SECURITY DEFINER' if definer else 'SECURITY INVOKER'} owned by {owner}, {config or 'no pinned search_path'}, EXECUTE {'granted to PUBLIC' if public else 'not granted to PUBLIC'}"
+        if definer and public and not pinned:
+            p.report.say(CRITICAL, "rights", f"{what}: any role that can connect can run its own code as {owner} (ti-guard 0.4.0, SECURITY.md); run ti-guard install now")
+        elif public or not pinned:
+            p.report.say(WARNING, "rights", f"{what}: run ti-guard install to restore its rights")
+        else:
+            p.report.say(OK, "rights", what)
+    record = p.conn.execute(
+        sa.text("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname LIKE 'ti\\_guard\\_refusal%' AND n.nspname NOT LIKE 'pg\\_temp%'")
+    ).all()
+    elsewhere = sorted({f"{s}.{r}" for s, r in record if s != schema})
+    if elsewhere:
+        p.report.say(WARNING, "rights", f"record objects outside schema {schema!r} ({', '.join(elsewhere)}): the guard writes only the record in its table's schema; drop these or install with --schema")
 
 
 def _pg_lock_risk(p: Probe) -> None:
@@ -248,10 +279,11 @@ def _mysql_binlog(p: Probe) -> None:
 
 def _mysql_definers(p: Probe) -> None:
     grants = p.grants
-    if "PROCESS" in grants.server:
-        p.report.say(OK, "definer", f"the guard's triggers will be defined by {grants.account}, which has PROCESS (the bypass reads INNODB_TRX)")
-    else:
-        p.report.say(WARNING, "definer", f"the guard's triggers will be defined by {grants.account}, which lacks PROCESS: a repair under the bypass then fails with error 1227 inside the trigger (it reads INNODB_TRX as its DEFINER); GRANT PROCESS ON *.* to {grants.account}, or install as another account")
+    p.report.say(
+        OK, "definer",
+        f"the guard's trigger will run as its DEFINER {grants.account}; it reads the writer's TRIGGER grant from INFORMATION_SCHEMA "
+        "(for the bypass) and writes only the record (SECURITY.md)",
+    )
     if p.columns is None:
         return
     triggers = [

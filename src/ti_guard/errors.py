@@ -22,14 +22,6 @@ BINLOG_ADVICE = (
     " config file, or SET PERSIST on MySQL, to keep it), or install as an account with SUPER"
 )
 
-# The MySQL bypass reads INFORMATION_SCHEMA.INNODB_TRX twice: in the repairing session
-# (runtime.bypass, set-state) and in the trigger, as its DEFINER. Both need PROCESS (MariaDB and MySQL alike).
-BYPASS_NEEDS_PROCESS = "the bypass reads INFORMATION_SCHEMA.INNODB_TRX, which needs the PROCESS privilege"
-BYPASS_PROCESS_FIX = (
-    "GRANT PROCESS ON *.* to the repairing account and to the DEFINER of the guard's trigger"
-    " (ti-guard doctor names it), or repair as an account that has it; nothing was changed"
-)
-
 # PostgreSQL SQLSTATEs and MySQL/MariaDB error numbers we explain.
 _PG_HINTS = {
     "55P03": "could not lock {table} within the lock timeout: a long transaction holds it; retry later or raise --lock-timeout",
@@ -68,8 +60,6 @@ def explain(exc: BaseException, table: str = "task_instance") -> GuardError:
     detail = _first_line(orig)
     # MySQL's error number first: PyMySQL errors carry a SQLSTATE too (1045 is 28000, as on PostgreSQL).
     args = getattr(orig, "args", ())
-    if args and args[0] == 1227 and "PROCESS" in detail:
-        return GuardError(f"{BYPASS_NEEDS_PROCESS}: {_first_line(args[1] if len(args) > 1 else detail)}; {BYPASS_PROCESS_FIX}")
     if args and isinstance(args[0], int) and args[0] in _MYSQL_HINTS:
         cls = LockTimeout if args[0] == 1205 else GuardError
         return cls(_MYSQL_HINTS[args[0]].format(table=table, detail=_first_line(args[1] if len(args) > 1 else detail)))

@@ -52,8 +52,11 @@ def definition_id(objects: list[GuardObject]) -> str:
 
 
 def expected(op_or_conn, policy: Policy, columns=None) -> list[GuardObject]:
-    # Offline (SQL for a DBA) the table is not there to read: Airflow 3's columns are assumed.
-    return render(dialect_name(op_or_conn.dialect.name), policy, AIRFLOW_3_COLUMNS if columns is None else columns)
+    # Offline (SQL for a DBA) the table is not there to read: Airflow 3's columns are assumed, and
+    # the schema is the DBA session's, read when the SQL runs.
+    dialect = dialect_name(op_or_conn.dialect.name)
+    schema = catalog.pg_schema(op_or_conn, policy) if isinstance(op_or_conn, sa.Connection) and dialect == "postgresql" else None
+    return render(dialect, policy, AIRFLOW_3_COLUMNS if columns is None else columns, schema)
 
 
 @dataclass(frozen=True)
@@ -83,14 +86,16 @@ def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObj
     for obj in objects:
         have = installed.get(obj.name)
         if have is None:
-            steps.append(Step("created", obj.kind, obj.name, (obj.create,)))
+            steps.append(Step("created", obj.kind, obj.name, (obj.create, *obj.after)))
         elif obj.name in orphaned:
             # Every UPDATE on the table fails while the DEFINER is gone; re-creating it as us fixes that.
-            steps.append(Step("replaced", obj.kind, obj.name, (obj.drop, obj.create), f"its DEFINER {have.definer} no longer exists"))
+            steps.append(Step("replaced", obj.kind, obj.name, (obj.drop, obj.create, *obj.after), f"its DEFINER {have.definer} no longer exists"))
         elif have.definition != obj.definition:
             # Same name, other text: changed by hand. Put ours back (a function is replaced in place).
             sql = (obj.create,) if obj.kind == "function" else (obj.drop, obj.create)
-            steps.append(Step("replaced", obj.kind, obj.name, sql, "it had been changed by hand"))
+            steps.append(Step("replaced", obj.kind, obj.name, (*sql, *obj.after), "it had been changed by hand"))
+        elif have.public_execute:
+            steps.append(Step("replaced", obj.kind, obj.name, obj.after, "EXECUTE had been granted to PUBLIC"))
         elif not have.enabled:
             sql = f"ALTER TABLE {_table(dialect, policy)} ENABLE TRIGGER {_ident(dialect, obj.name)}"
             steps.append(Step("enabled", obj.kind, obj.name, (sql,), "it had been disabled"))
@@ -109,6 +114,8 @@ def install(op: Operations, policy: Policy) -> list[str]:
             emit(op, statement)
         for obj in objects:
             emit(op, obj.create, obj.compound)
+            for statement in obj.after:
+                emit(op, statement)
         emit(op, _compiled(op, settings.insert().values(_settings_row(policy, objects, sa.func.current_timestamp()))))
         return [f"printed {o.kind} {o.name}" for o in objects]
 

@@ -66,6 +66,13 @@ RECORD_ROWS = 10_000
 # then updates each counter row at most 1/COUNT_BUCKETS as often (PostgreSQL keeps every version
 # a transaction makes of a row, so updating one row N times costs N^2/2 reads).
 COUNT_BUCKETS = 1000
+# A writer counts in the rows of a lane it holds alone (PostgreSQL: an advisory lock until its
+# transaction ends; MySQL: a named lock, held by the session), the first free one from lane 0, so
+# no two live transactions ever update the same counter row, and the counters grow with the
+# number of writers refusing at the same moment, not with the number of connections ever made: at
+# most LANES x COUNT_BUCKETS rows per day, rule, action and states. A writer that finds every lane
+# held by others counts in an overflow lane of its own (LANES + its connection id): it never waits.
+LANES = 128
 # Columns the guard reads; present in Airflow 2.3+ and 3.x.
 REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_date", "end_date")
 

@@ -12,6 +12,8 @@ from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+# 0.4.0's guard function set its search_path from the table it fired on, with EXECUTE left to PUBLIC.
+UNSAFE_SEARCH_PATH = "set_config('search_path'"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
 
 
@@ -63,6 +65,11 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
             report.worse(WARNING, f"{obj.kind} {obj.name} was changed by hand: run ti-guard install to restore it")
         elif not have.enabled:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
+        elif have.public_execute:
+            report.worse(WARNING, f"function {obj.name} may be executed by PUBLIC (EXECUTE had been granted to PUBLIC): run ti-guard install to revoke it")
+    for have in installed.values():
+        if have.kind == "function" and have.public_execute and UNSAFE_SEARCH_PATH in have.definition:
+            report.worse(CRITICAL, f"function {have.name} (ti-guard 0.4.0) lets any role that can connect run its own code as the function's owner (SECURITY.md): run ti-guard install now")
     for name in stale:
         report.worse(WARNING, f"{installed[name].kind} {name} is not part of the expected guard (left from another definition or setting): run ti-guard install")
     for finding in record.check(conn, policy):

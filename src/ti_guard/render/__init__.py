@@ -27,6 +27,7 @@ class GuardObject:
     drop: str
     definition: str  # what the catalog stores for it (body or full text), compared by status
     compound: bool = False  # has ';' inside: the mysql client needs a DELIMITER around it
+    after: tuple[str, ...] = ()  # run right after `create`: the object's rights (PostgreSQL's REVOKE)
 
 
 class Quoter:
@@ -76,9 +77,10 @@ def _module(dialect: str):
     return {"postgresql": postgresql, "mysql": mysql, "sqlite": sqlite}[dialect_name(dialect)]
 
 
-def render(dialect: str, policy: Policy, columns=None) -> list[GuardObject]:
-    """The guard's objects for a dialect, in creation order (functions before triggers)."""
-    return _module(dialect).render(policy, columns)
+def render(dialect: str, policy: Policy, columns=None, schema: str | None = None) -> list[GuardObject]:
+    """The guard's objects for a dialect, in creation order (functions before triggers). `schema`:
+    the schema the table was found in, for PostgreSQL's function, which names it (None offline)."""
+    return _module(dialect).render(policy, columns, schema)
 
 
 def sees(dialect: str) -> frozenset:
@@ -95,11 +97,12 @@ def enforced_rules(dialect: str, policy: Policy, columns=None):
 SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number", ENDS_IN_ONE_STATEMENT: "end_date"}
 
 
-def rule_condition(q: Quoter, rule, olds, same: str) -> str:
+def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})") -> str:
     """A rule's WHEN condition for backends that see which columns a statement writes (the column
-    half of the signature is the trigger's `UPDATE OF`). `same` is the backend's null-safe
-    equality, with {a} and {b} for its operands."""
-    condition = f"NEW.state = {q.literal(rule.new_state)} AND OLD.state IN ({q.in_list(olds)})"
+    half of the signature is the trigger's `UPDATE OF`). `same`, `equals` and `member` are the
+    backend's null-safe equality, equality and list membership, with {a} and {b} for operands."""
+    new = equals.format(a="NEW.state", b=q.literal(rule.new_state))
+    condition = f"{new} AND {member.format(a='OLD.state', b=q.in_list(olds))}"
     if rule.signature in (ENDS_WITHOUT_NEXT_METHOD, ENDS_IN_ONE_STATEMENT):
         kept = same.format(a="NEW.start_date", b="OLD.start_date")
         condition += f" AND NEW.end_date IS NOT NULL AND {kept}"

@@ -10,12 +10,15 @@ start_date and end_date with one `now`, so a skip whose end_date equals its star
 not the attempt finishing itself even when a coarse clock puts that `now` on the very tick
 the task started.
 
-The bypass counts only while @ti_guard_bypass holds the current InnoDB transaction's id: a
-user variable outlives the transaction (a pooled connection keeps it), the id does not.
-InnoDB serves INFORMATION_SCHEMA.INNODB_TRX from a cache refreshed at most every 100 ms, so
-right after a commit it can still show the connection's previous transaction: the check
-waits those 100 ms once per statement (and only for a row it would otherwise refuse while
-the variable is set), then remembers the verdict for the rest of that statement.
+The bypass counts for a session that asks for it (@ti_guard_bypass = 'on') and whose account
+holds TRIGGER on the table (it could drop the guard anyway): granted globally, on the database or
+on the table, to the account itself (a grant through a role is not seen), read from
+INFORMATION_SCHEMA as the trigger's DEFINER. The variable alone lifts nothing, and the grant is
+read only for a row the guard would otherwise refuse.
+
+Every table the trigger names resolves first to a TEMPORARY table of the writing session's, if
+it made one of that name (SECURITY.md): the record can then miss that session's refusals, but no
+decision of the guard reads a table a session can shadow (INFORMATION_SCHEMA cannot be).
 """
 
 from __future__ import annotations
@@ -23,14 +26,31 @@ from __future__ import annotations
 from sqlalchemy.dialects import mysql
 
 from ..errors import GuardError
-from ..policy import AUDIT, BUMPS_TRY_NUMBER, COUNT_BUCKETS, COUNTS_TABLE, ENDS_IN_ONE_STATEMENT, RAISE, RECORD_ROWS, RECORD_TABLE, STAMPS_START, Policy, short_hash
+from ..policy import (
+    AUDIT,
+    BUMPS_TRY_NUMBER,
+    COUNT_BUCKETS,
+    COUNTS_TABLE,
+    ENDS_IN_ONE_STATEMENT,
+    LANES,
+    RAISE,
+    RECORD_ROWS,
+    RECORD_TABLE,
+    STAMPS_START,
+    Policy,
+    short_hash,
+)
 from . import GuardObject, Quoter, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
-CURRENT_TRX_ID = "SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = CONNECTION_ID()"
-INNODB_TRX_CACHE_SECONDS = 0.11
-# Within one statement NOW(6) is fixed, so this names "this bypass, this statement".
-_VERIFIED = "CONCAT(@ti_guard_bypass, '@', NOW(6))"
+# The writing account (USER(): name@client host) against a grantee ('name'@'host pattern'). The
+# quote is CHAR(39): MySQL 9 shows a trigger's body with doubled quotes undoubled, so the guard
+# could no longer recognise itself.
+_UNQUOTED = "REPLACE(GRANTEE, CHAR(39 USING ascii), '')"
+_GRANTEE_IS_WRITER = (
+    f"SUBSTRING_INDEX({_UNQUOTED}, '@', 1) = SUBSTRING_INDEX(USER(), '@', 1)"
+    f" AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX({_UNQUOTED}, '@', -1)"
+)
 MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
@@ -63,7 +83,7 @@ def _signature_test(signature: str) -> str:
     raise GuardError(f"MySQL cannot test signature {signature!r}")
 
 
-def render(policy: Policy, columns=None) -> list[GuardObject]:
+def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
     q = Quoter(mysql.dialect(), policy)
 
     # States compare byte for byte, as on PostgreSQL and SQLite: no collation to settle per row,
@@ -101,7 +121,7 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
 
     def rules_for(target: str) -> str:
         return "\n".join(
-            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(act(rule, action)), 0)
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(q, act(rule, action)), 0)
             for rule, olds, action in rules if rule.new_state == target
         )
 
@@ -127,34 +147,60 @@ def render(policy: Policy, columns=None) -> list[GuardObject]:
 
 def _record(q: Quoter, rule: str, action: str) -> str:
     """Write the refusal to the record (record.py). UUID_SHORT() is the server's own counter: it
-    numbers refusals without a lock, and its value modulo the ring's size names the slot. The
-    handler keeps a failed record from failing Airflow's write."""
+    numbers refusals without a lock. Both writes go to rows of a lane this session holds alone (a
+    named lock, policy.LANES): its counters, and its share of the ring (the slots equal to the lane
+    modulo LANES), so no other session ever waits on them. SKIP LOCKED cannot do it here: Oracle
+    MySQL 9.7 waits on a locked row inside a trigger all the same (MariaDB skips it). The handlers
+    keep a failed record from failing Airflow's write."""
     values = f"{q.literal(rule)}, {q.literal(action)}"
+    # MySQL 9 refuses a NULL lock name (error 3057): a session's first refusal asks for lane -1.
+    lane = "CONCAT('ti_guard_lane_', COALESCE(@ti_guard_lane, -1))"
     return (
         "BEGIN\n"
         "    DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END;\n"
         "    SET @ti_guard_seq = UUID_SHORT();\n"
+        f"    IF NOT (IS_USED_LOCK({lane}) <=> CONNECTION_ID()) THEN\n"
+        "        SET @ti_guard_lane = 0, @ti_guard_tries = 1;\n"
+        f"        WHILE @ti_guard_tries <= {LANES} AND NOT (GET_LOCK({lane}, 0) <=> 1) DO\n"
+        f"            SET @ti_guard_lane = IF(@ti_guard_tries = {LANES}, {LANES} + CONNECTION_ID(), (@ti_guard_lane + 1) MOD {LANES}),\n"
+        "                @ti_guard_tries = @ti_guard_tries + 1;\n"
+        "        END WHILE;\n"
+        "    END IF;\n"
         f"    UPDATE {q.qualified(RECORD_TABLE)} SET seq = @ti_guard_seq, refused_at = UTC_TIMESTAMP(6), rule = {q.literal(rule)},\n"
         f"        action = {q.literal(action)}, old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,\n"
         "        run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()\n"
-        f"    WHERE slot = @ti_guard_seq MOD {RECORD_ROWS};\n"
+        f"    WHERE @ti_guard_lane < {LANES} AND slot = @ti_guard_lane + {LANES} * (@ti_guard_seq MOD {RECORD_ROWS // LANES});\n"
         f"    INSERT INTO {q.qualified(COUNTS_TABLE)} (day, rule, action, old_state, new_state, connection_id, bucket, refusals)\n"
-        f"    VALUES (UTC_DATE(), {values}, OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD {COUNT_BUCKETS}, 1)\n"
+        f"    VALUES (UTC_DATE(), {values}, OLD.state, NEW.state, @ti_guard_lane, @ti_guard_seq MOD {COUNT_BUCKETS}, 1)\n"
         "    ON DUPLICATE KEY UPDATE refusals = refusals + 1;\n"
         "END;"
     )
 
 
-def _bypassable(action: str) -> str:
-    """The action, unless this statement runs under a verified bypass (module docstring)."""
+def _text(q: Quoter, value: str) -> str:
+    """A string literal that MySQL 9 shows back as written: one holding a quote or a backslash as
+    hex (MySQL 9 shows a trigger's body with its escapes undone, so the guard would not recognise itself)."""
+    if "'" in value or "\\" in value:
+        return f"CONVERT(X'{value.encode().hex()}' USING utf8mb4)"
+    return q.literal(value)
+
+
+def _bypassable(q: Quoter, action: str) -> str:
+    """The action, unless the session asked for the bypass and its account holds TRIGGER on the table."""
+    granted = " OR ".join(
+        f"EXISTS (SELECT 1 FROM information_schema.{view} WHERE PRIVILEGE_TYPE = 'TRIGGER'{where} AND {_GRANTEE_IS_WRITER})"
+        for view, where in (
+            ("USER_PRIVILEGES", ""),
+            ("SCHEMA_PRIVILEGES", " AND TABLE_SCHEMA = DATABASE()"),
+            ("TABLE_PRIVILEGES", f" AND TABLE_SCHEMA = DATABASE() AND TABLE_NAME = {_text(q, q.policy.table)}"),
+        )
+    )
     return (
-        f"IF {BYPASS_VARIABLE} IS NOT NULL AND NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
-        f"    DO SLEEP({INNODB_TRX_CACHE_SECONDS});\n"
-        f"    IF {BYPASS_VARIABLE} <=> ({CURRENT_TRX_ID}) THEN\n"
-        f"        SET @ti_guard_bypass_at = {_VERIFIED};\n"
-        "    END IF;\n"
+        "SET @ti_guard_granted = FALSE;\n"
+        f"IF {BYPASS_VARIABLE} <=> 'on' THEN\n"
+        f"    SET @ti_guard_granted = {granted};\n"
         "END IF;\n"
-        f"IF {BYPASS_VARIABLE} IS NULL OR NOT (@ti_guard_bypass_at <=> {_VERIFIED}) THEN\n"
+        "IF NOT @ti_guard_granted THEN\n"
         + "\n".join("    " + line for line in action.splitlines())
         + "\nEND IF;"
     )

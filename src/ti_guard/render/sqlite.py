@@ -39,7 +39,7 @@ SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 KEY_COLUMNS = ("dag_id", "task_id", "run_id", "map_index")
 
 
-def render(policy: Policy, columns=None) -> list[GuardObject]:
+def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
     if policy.db_schema:
         raise GuardError("a schema is not supported on SQLite (triggers live in the database of their table); drop the schema setting")
     q = Quoter(sqlite.dialect(), policy)

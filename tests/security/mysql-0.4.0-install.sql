@@ -1,0 +1,137 @@
+SET SESSION lock_wait_timeout = 2;
+
+
+CREATE TABLE ti_guard_alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT ti_guard_alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE TABLE ti_guard_settings (
+	id INTEGER NOT NULL, 
+	mode VARCHAR(16) NOT NULL, 
+	protect VARCHAR(400) NOT NULL, 
+	guarded_table VARCHAR(128) NOT NULL, 
+	definition VARCHAR(1000) NOT NULL, 
+	installed_at DATETIME NOT NULL, 
+	PRIMARY KEY (id)
+);
+
+
+CREATE TABLE ti_guard_refusals (
+	slot INTEGER NOT NULL, 
+	seq NUMERIC(20, 0), 
+	refused_at DATETIME(6), 
+	rule VARCHAR(64), 
+	action VARCHAR(16), 
+	old_state VARCHAR(20), 
+	new_state VARCHAR(20), 
+	dag_id VARCHAR(250), 
+	task_id VARCHAR(250), 
+	run_id VARCHAR(250), 
+	map_index INTEGER, 
+	writer_user VARCHAR(300), 
+	writer_application VARCHAR(250), 
+	writer_address VARCHAR(64), 
+	writer_pid BIGINT, 
+	PRIMARY KEY (slot)
+);
+
+
+CREATE INDEX ti_guard_refusals_seq ON ti_guard_refusals (seq);
+
+
+INSERT INTO ti_guard_refusals (slot) SELECT 0 + d0.d * 1 + d1.d * 10 + d2.d * 100 + d3.d * 1000 AS slot 
+FROM (SELECT 0 AS d UNION ALL SELECT 1 AS d UNION ALL SELECT 2 AS d UNION ALL SELECT 3 AS d UNION ALL SELECT 4 AS d UNION ALL SELECT 5 AS d UNION ALL SELECT 6 AS d UNION ALL SELECT 7 AS d UNION ALL SELECT 8 AS d UNION ALL SELECT 9 AS d) AS d0, (SELECT 0 AS d UNION ALL SELECT 1 AS d UNION ALL SELECT 2 AS d UNION ALL SELECT 3 AS d UNION ALL SELECT 4 AS d UNION ALL SELECT 5 AS d UNION ALL SELECT 6 AS d UNION ALL SELECT 7 AS d UNION ALL SELECT 8 AS d UNION ALL SELECT 9 AS d) AS d1, (SELECT 0 AS d UNION ALL SELECT 1 AS d UNION ALL SELECT 2 AS d UNION ALL SELECT 3 AS d UNION ALL SELECT 4 AS d UNION ALL SELECT 5 AS d UNION ALL SELECT 6 AS d UNION ALL SELECT 7 AS d UNION ALL SELECT 8 AS d UNION ALL SELECT 9 AS d) AS d2, (SELECT 0 AS d UNION ALL SELECT 1 AS d UNION ALL SELECT 2 AS d UNION ALL SELECT 3 AS d UNION ALL SELECT 4 AS d UNION ALL SELECT 5 AS d UNION ALL SELECT 6 AS d UNION ALL SELECT 7 AS d UNION ALL SELECT 8 AS d UNION ALL SELECT 9 AS d) AS d3 
+WHERE 0 + d0.d * 1 + d1.d * 10 + d2.d * 100 + d3.d * 1000 < 10000;
+
+
+CREATE TABLE ti_guard_refusal_counts (
+	day DATE NOT NULL, 
+	rule VARCHAR(64) NOT NULL, 
+	action VARCHAR(16) NOT NULL, 
+	old_state VARCHAR(20) NOT NULL, 
+	new_state VARCHAR(20) NOT NULL, 
+	connection_id BIGINT NOT NULL, 
+	bucket INTEGER NOT NULL, 
+	refusals BIGINT NOT NULL, 
+	PRIMARY KEY (day, rule, action, old_state, new_state, connection_id, bucket)
+);
+
+
+DELIMITER //
+
+CREATE TRIGGER ti_guard_guard_552b32e6 BEFORE UPDATE ON task_instance FOR EACH ROW
+BEGIN
+    IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
+        IF CAST(NEW.state AS BINARY) = 'skipped' THEN
+            IF CAST(OLD.state AS BINARY) IN ('running', 'success', 'failed') THEN
+                IF NOT (NEW.start_date <=> OLD.start_date) OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date) THEN
+                    IF @ti_guard_bypass IS NOT NULL AND NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
+                        DO SLEEP(0.11);
+                        IF @ti_guard_bypass <=> (SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = CONNECTION_ID()) THEN
+                            SET @ti_guard_bypass_at = CONCAT(@ti_guard_bypass, '@', NOW(6));
+                        END IF;
+                    END IF;
+                    IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
+                        BEGIN
+                            DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END;
+                            SET @ti_guard_seq = UUID_SHORT();
+                            UPDATE ti_guard_refusals SET seq = @ti_guard_seq, refused_at = UTC_TIMESTAMP(6), rule = 'racy_skip',
+                                action = 'keep', old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,
+                                run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()
+                            WHERE slot = @ti_guard_seq MOD 10000;
+                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+                            VALUES (UTC_DATE(), 'racy_skip', 'keep', OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD 1000, 1)
+                            ON DUPLICATE KEY UPDATE refusals = refusals + 1;
+                        END;
+                        SET NEW.state = OLD.state,
+                            NEW.start_date = OLD.start_date,
+                            NEW.end_date = OLD.end_date,
+                            NEW.updated_at = OLD.updated_at;
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+        IF CAST(NEW.state AS BINARY) = 'scheduled' THEN
+            IF CAST(OLD.state AS BINARY) IN ('running', 'success', 'failed') THEN
+                IF NOT (NEW.try_number <=> OLD.try_number) THEN
+                    IF @ti_guard_bypass IS NOT NULL AND NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
+                        DO SLEEP(0.11);
+                        IF @ti_guard_bypass <=> (SELECT trx_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = CONNECTION_ID()) THEN
+                            SET @ti_guard_bypass_at = CONCAT(@ti_guard_bypass, '@', NOW(6));
+                        END IF;
+                    END IF;
+                    IF @ti_guard_bypass IS NULL OR NOT (@ti_guard_bypass_at <=> CONCAT(@ti_guard_bypass, '@', NOW(6))) THEN
+                        BEGIN
+                            DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END;
+                            SET @ti_guard_seq = UUID_SHORT();
+                            UPDATE ti_guard_refusals SET seq = @ti_guard_seq, refused_at = UTC_TIMESTAMP(6), rule = 'stale_schedule',
+                                action = 'keep', old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,
+                                run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()
+                            WHERE slot = @ti_guard_seq MOD 10000;
+                            INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+                            VALUES (UTC_DATE(), 'stale_schedule', 'keep', OLD.state, NEW.state, CONNECTION_ID(), @ti_guard_seq MOD 1000, 1)
+                            ON DUPLICATE KEY UPDATE refusals = refusals + 1;
+                        END;
+                        SET NEW.state = OLD.state,
+                            NEW.try_number = OLD.try_number,
+                            NEW.scheduled_dttm = OLD.scheduled_dttm,
+                            NEW.updated_at = OLD.updated_at;
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+END
+//
+
+DELIMITER ;
+
+
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_552b32e6', CURRENT_TIMESTAMP);
+
+
+INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');
+
