@@ -12,11 +12,18 @@ from dataclasses import replace
 from alembic import command
 
 from . import catalog, installation
+from .config import require_existing
 from .db import make_engine, with_lock_retries
 from .migration_env import drop_version_table
 from .policy import Policy
 from .revisions import alembic_config, head_revision
 from .status import Report, check
+
+
+def _engine(settings, writes=False):
+    """An engine on an existing database: a SQLite URL naming no file is refused, not created."""
+    require_existing(settings)
+    return make_engine(settings.url, writes=writes)
 
 
 def _reconcile(conn, work):
@@ -25,7 +32,7 @@ def _reconcile(conn, work):
 
 
 def install(settings, explicit_policy: bool) -> list[str]:
-    engine = make_engine(settings.url, writes=True)
+    engine = _engine(settings, writes=True)
     try:
         recorded = with_lock_retries(engine, settings, lambda conn: _recorded(conn, settings.policy))
         if recorded and not explicit_policy:
@@ -43,7 +50,7 @@ def install(settings, explicit_policy: bool) -> list[str]:
 
 
 def uninstall(settings) -> list[str]:
-    engine = make_engine(settings.url, writes=True)
+    engine = _engine(settings, writes=True)
     try:
         command.downgrade(alembic_config(settings), "base")
         # Sweep what an interrupted install left outside the revision history.
@@ -57,7 +64,7 @@ def uninstall(settings) -> list[str]:
 def doctor(settings, explicit_policy: bool):
     from .doctor import diagnose
 
-    engine = make_engine(settings.url)
+    engine = _engine(settings)
     try:
         with engine.connect() as conn:
             policy = (None if explicit_policy else _recorded_or_none(conn, settings.policy)) or settings.policy
@@ -78,7 +85,7 @@ def _recorded_or_none(conn, policy: Policy) -> Policy | None:
 
 
 def status(settings) -> Report:
-    engine = make_engine(settings.url)
+    engine = _engine(settings)
     try:
         with engine.connect() as conn:
             return check(conn, settings.policy, head_revision())
@@ -90,7 +97,7 @@ def report(settings, since):
     """The record of refusals over `since`, with the guard's status (whose code report exits with)."""
     from .report import gather
 
-    engine = make_engine(settings.url)
+    engine = _engine(settings)
     try:
         with engine.connect() as conn:
             found = check(conn, settings.policy, head_revision())
