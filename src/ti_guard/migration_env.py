@@ -39,6 +39,14 @@ def settings_from_context():
     return settings, x.get("dialect")
 
 
+def _keep_record() -> bool:
+    """Downgrading to base leaves the record of refusals: ti-guard uninstall --keep-record, -x keep_record=1."""
+    cfg = context.config
+    if cfg.attributes.get("ti_guard_settings") is not None:
+        return bool(cfg.attributes.get("ti_guard_keep_record"))
+    return context.get_x_argument(as_dictionary=True).get("keep_record", "").lower() in ("1", "true", "yes")
+
+
 # Alembic's read-only commands (current, check, history -i) pass env.py no destination.
 READ_ONLY = object()
 
@@ -60,6 +68,7 @@ def _configure(settings, dialect: str, **kw) -> None:
         # SQLite too keeps the install in one transaction; MySQL cannot (DDL commits).
         transactional_ddl=dialect in ("postgresql", "sqlite"),
         ti_guard_policy=settings.policy,
+        ti_guard_keep_record=_keep_record(),
         # `alembic check`: the guard is triggers, not models; it checks that the database is at head.
         target_metadata=sa.MetaData(),
         include_name=lambda *_: False,
