@@ -153,6 +153,22 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def run_alembic(argv: list[str]) -> int:
+    """`ti-guard alembic ...`: Alembic's own command line on the revisions in this package, from
+    any directory (its alembic.ini ships with it; -c names another)."""
+    from alembic.config import CommandLine, Config
+
+    from .revisions import packaged_ini
+
+    line = CommandLine(prog="ti-guard alembic")
+    options = line.parser.parse_args(argv)
+    if not hasattr(options, "cmd"):
+        line.parser.error("name a command: current, history, heads, check, upgrade, downgrade, stamp")
+    options.raiseerr = True  # its errors become main's one line and exit 2, not Alembic's FAILED and 255
+    line.run_cmd(Config(file_=options.config[0] if options.config else packaged_ini(), ini_section=options.name, cmd_opts=options), options)
+    return 0
+
+
 def cmd_set_state(args) -> int:
     from .db import make_engine
     from .runtime import set_state
@@ -230,15 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-index", type=int, default=-1)
     p.add_argument("--state", required=True)
     p.set_defaults(func=cmd_set_state)
+    # main() hands everything after `alembic` to Alembic's own parser; this entry is for --help.
+    sub.add_parser("alembic", add_help=False, help="Alembic's own commands on the packaged revisions, from any directory: ti-guard alembic -x url=URL current | history | upgrade head [--sql] | downgrade base | stamp | check")
     p = sub.add_parser("demo", help="replay the race on a throw-away SQLite database (no server needed)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["alembic"]:
+        run = lambda: run_alembic(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.func(args)  # noqa: E731
     try:
-        code = args.func(args)
+        code = run()
         sys.stdout.flush()
         return code
     except BrokenPipeError:
