@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -127,6 +128,13 @@ def test_demo_runs_without_a_server(capsys):
     assert "REFUSED: ti_guard: refused" in out
     assert out.count("sensor skips itself (AirflowSkipException):   went through") == 4
     # The report it ends with: the 3 overwrites audited, the 3 kept in ignore mode (raise rolled back).
+    # Each mode's install lines (created/dropped) sit in that mode's own section.
+    sections = dict(part.split("\n", 1) for part in out.split("\n== ")[1:])
+    without, audit, raise_, ignore = (next(body for title, body in sections.items() if title.startswith(t)) for t in ("without", "with ti-guard, mode=audit", "with ti-guard, mode=raise", "with ti-guard, mode=ignore"))
+    assert "trigger" not in without
+    for mode, body in (("audit", audit), ("raise", raise_), ("ignore", ignore)):
+        assert "created trigger ti_guard_" in body and "installed on sqlite:///" in body and f"mode={mode}" in body, body
+    assert "dropped trigger" not in audit and "dropped trigger" in raise_ and "dropped trigger" in ignore
     by_day = out.split("== ti-guard report")[1].split("Top DAGs")[0]
     assert by_day.count("racy_skip  audit") == 3 and by_day.count("racy_skip  keep") == 3
 
@@ -147,3 +155,53 @@ def test_lock_wait_does_not_block_writers_past_the_timeout(pg_db):
     with pg_db.engine.begin() as conn:  # the table is writable at once afterwards
         conn.exec_driver_sql("SET lock_timeout = '1s'")
         conn.execute(sa.update(table).values(state="running"))
+
+
+def test_read_only_commands_never_create_a_sqlite_file(tmp_path, monkeypatch, capsys):
+    """airflow.cfg names a SQLite file that is not there (Airflow's default): refused, not created."""
+    for name in [k for k in os.environ if k.startswith(("TI_GUARD_", "AIRFLOW__"))]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "airflow"
+    home.mkdir()
+    missing = tmp_path / "elsewhere" / "airflow.db"
+    (home / "airflow.cfg").write_text(f"[database]\nsql_alchemy_conn = sqlite:///{missing}\n")
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    for command in ("status", "report", "doctor"):
+        assert cli.main([command]) == 2
+        one_line_error(capsys, f"no SQLite database at {missing}", f"(from {home / 'airflow.cfg'} [database] sql_alchemy_conn)", "pass --url")
+    monkeypatch.setenv("TI_GUARD_URL", f"sqlite:///{tmp_path / 'typo.db'}")
+    assert cli.main(["status", "--format=json"]) == 2
+    one_line_error(capsys, "typo.db (from TI_GUARD_URL)")
+    assert cli.main(["doctor", "--url", f"sqlite:///{missing}"]) == 2
+    one_line_error(capsys, "(from --url)")
+    assert not missing.parent.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["airflow"]
+
+
+def test_checks_name_the_url_they_used_and_where_it_came_from(server_db, capsys, monkeypatch):
+    server_db.table()
+    with_password = sa.engine.make_url(server_db.url).set(password="s3cret")
+    if server_db.backend == "mysql":  # root logs in without one here: give it its own login
+        with_password = None
+    for name in [k for k in os.environ if k.startswith(("TI_GUARD_", "AIRFLOW__"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", server_db.url)
+    for command in ("status", "report", "doctor"):
+        capsys.readouterr()
+        cli.main([command])
+        first = capsys.readouterr().out.splitlines()[0]
+        assert f"{sa.engine.make_url(server_db.url).render_as_string()} (from AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)" in first, first
+    if with_password is not None:  # PostgreSQL trusts this client: any password logs in
+        url = with_password.render_as_string(hide_password=False)
+        for command in ("status", "report", "doctor"):
+            capsys.readouterr()
+            cli.main([command, "--url", url])
+            out = capsys.readouterr().out
+            assert "s3cret" not in out and ":***@" in out.splitlines()[0] and "(from --url)" in out, out
+
+
+def test_unknown_user_or_database_say_so(server_db, capsys):
+    url = sa.engine.make_url(server_db.url)
+    for wrong, needle in ((url.set(username="nobody_here"), "check the user"), (url.set(database="no_such_db"), "check the database name")):
+        assert cli.main(["install", "--url", wrong.render_as_string(hide_password=False)]) == 2
+        err = one_line_error(capsys, needle)
+        assert "host and port" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -48,7 +49,11 @@ def test_ready_database_then_nothing_to_do(db, capsys):
 
 def test_not_an_airflow_database(db, capsys):
     rc, out = doctor(db, capsys)
-    assert rc == 2 and "[FAIL] airflow: no table 'task_instance'" in out, out
+    # The true reason first: the privilege and lock lines that follow are about a table that is not there.
+    assert rc == 2 and out.splitlines()[1].startswith("  [FAIL] airflow: no table 'task_instance'"), out
+    rc, out = doctor(db, capsys, "--format=json")
+    first = json.loads(out)["findings"][0]
+    assert rc == 2 and (first["check"], first["level"]) == ("airflow", "critical") and first["message"].startswith("no table 'task_instance'"), first
 
 
 def test_missing_trigger_privilege(server_db, capsys):

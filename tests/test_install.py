@@ -76,6 +76,29 @@ def test_alembic_upgrade_downgrade_round_trip(db, shape, capsys):
     assert db.cli("status") == 2
 
 
+def test_alembic_current_history_heads_check_and_stamp(db):
+    """What every Alembic user types: read-only commands read, stamp stamps, none crashes."""
+    db.table()
+    assert alembic(db, "current").stdout == ""
+    assert "(head)" in alembic(db, "heads").stdout
+    assert "(head)" in alembic(db, "history", "--indicate-current").stdout
+    refused = alembic(db, "check", check=False)
+    assert refused.returncode != 0 and "not up to date" in refused.stdout + refused.stderr
+    assert tables(db) == set()  # the read-only commands created nothing
+    alembic(db, "upgrade", "head")
+    assert alembic(db, "current").stdout.startswith("0001 (head)")
+    assert "(current)" in alembic(db, "history", "--indicate-current").stdout
+    assert "No new upgrade operations detected" in alembic(db, "check").stdout
+    installed = objects(db)
+    alembic(db, "stamp", "base")  # the version row goes (and its table, as after a downgrade); the guard stays
+    assert alembic(db, "current").stdout == "" and objects(db) == installed
+    assert "ti_guard_alembic_version" not in tables(db)
+    alembic(db, "stamp", "head")
+    assert alembic(db, "current").stdout.startswith("0001 (head)")
+    alembic(db, "downgrade", "base")
+    assert objects(db) == {} and tables(db) == set()
+
+
 def test_mode_switch_replaces_in_place_and_status_tells(db, capsys):
     db.table()
     db.install("raise")

@@ -37,10 +37,29 @@ class Settings:
     policy: Policy
     lock_timeout: float = 2.0
     lock_retries: int = 5
+    url_source: str = "--url"  # where the URL came from: a flag, an environment variable, airflow.cfg
 
     @property
     def safe_url(self) -> str:
         return redact(self.url) if self.url else "(no URL)"
+
+    @property
+    def url_origin(self) -> str:
+        """The URL, password masked, and where it came from."""
+        return f"{self.safe_url} (from {self.url_source})"
+
+
+def require_existing(settings: Settings) -> None:
+    """Refuse a SQLite URL whose file does not exist: connecting would create an empty one."""
+    url = sa.engine.make_url(settings.url)
+    path = url.database
+    if url.get_backend_name() != "sqlite" or not path or path == ":memory:" or url.query.get("mode") == "memory":
+        return
+    if not Path(path).exists():
+        raise GuardError(
+            f"no SQLite database at {path}: the URL {settings.url_origin} names a file that does not exist"
+            " (ti-guard never creates one); fix that setting or pass --url with Airflow's database"
+        )
 
 
 def redact(url: str) -> str:
@@ -50,9 +69,12 @@ def redact(url: str) -> str:
         return "(unparseable URL)"
 
 
+def _cfg_path(env) -> Path:
+    return Path(env.get("AIRFLOW_HOME") or Path.home() / "airflow") / "airflow.cfg"
+
+
 def _airflow_cfg(env) -> configparser.RawConfigParser | None:
-    home = Path(env.get("AIRFLOW_HOME") or Path.home() / "airflow")
-    path = home / "airflow.cfg"
+    path = _cfg_path(env)
     if not path.is_file():
         return None
     cfg = configparser.RawConfigParser(strict=False)
@@ -78,18 +100,25 @@ def _from_cfg(cfg, key: str):
 
 
 def resolve_url(explicit: str | None, env=os.environ) -> str:
+    return find_url(explicit, env)[0]
+
+
+def find_url(explicit: str | None, env=os.environ, flag: str = "--url") -> tuple[str, str]:
+    """The URL and where it came from (`flag`, an environment variable, airflow.cfg's key)."""
     if explicit:
-        return normalize_url(explicit)
+        return normalize_url(explicit), flag
     for name in ("TI_GUARD_URL", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
         if env.get(name):
-            return normalize_url(env[name])
-    if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"):
-        return normalize_url(_run_cmd(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"], "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"))
+            return normalize_url(env[name]), name
+    name = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD"
+    if env.get(name):
+        return normalize_url(_run_cmd(env[name], name)), name
     cfg = _airflow_cfg(env)
-    if _from_cfg(cfg, "sql_alchemy_conn"):
-        return normalize_url(_from_cfg(cfg, "sql_alchemy_conn"))
-    if _from_cfg(cfg, "sql_alchemy_conn_cmd"):
-        return normalize_url(_run_cmd(_from_cfg(cfg, "sql_alchemy_conn_cmd"), "sql_alchemy_conn_cmd"))
+    for key in ("sql_alchemy_conn", "sql_alchemy_conn_cmd"):
+        value = _from_cfg(cfg, key)
+        if value:
+            source = f"{_cfg_path(env)} [database] {key}"
+            return normalize_url(value if key == "sql_alchemy_conn" else _run_cmd(value, key)), source
     raise GuardError(
         "no database URL: pass --url (or alembic -x url=...), or set TI_GUARD_URL, "
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, or [database] sql_alchemy_conn in $AIRFLOW_HOME/airflow.cfg"
@@ -122,6 +151,7 @@ def resolve(
     lock_retries=None,
     env=os.environ,
     need_url=True,
+    flag="--url",
 ) -> Settings:
     cfg = None
     if schema is None:
@@ -135,8 +165,10 @@ def resolve(
         schema=schema,
         table=table if table is not None else env.get("TI_GUARD_TABLE"),
     )
+    found, source = find_url(url, env, flag) if need_url or url else (None, "")
     return Settings(
-        url=resolve_url(url, env) if need_url else (normalize_url(url) if url else None),
+        url=found,
+        url_source=source,
         policy=policy,
         lock_timeout=_number(lock_timeout if lock_timeout is not None else env.get("TI_GUARD_LOCK_TIMEOUT"), 2.0, "lock timeout", float),
         lock_retries=_number(lock_retries if lock_retries is not None else env.get("TI_GUARD_LOCK_RETRIES"), 5, "lock retries", int),

@@ -39,9 +39,15 @@ def _states(engine, table) -> dict:
         return dict(conn.execute(sa.select(table.c.task_id, table.c.state)).all())
 
 
-def _replay(engine, table, title: str) -> None:
-    _seed(engine, table)
+def _replay(engine, table, title: str, install_mode: str | None = None) -> None:
+    """One section: its heading, the install that switches to its mode (created/dropped lines), the race."""
     print(f"\n== {title}")
+    if install_mode:
+        url = engine.url.render_as_string(hide_password=False)
+        outcome = install(resolve(url=url, mode=install_mode), explicit_policy=True)
+        for line in [*outcome.actions, outcome.summary]:
+            print(f"  {line}")
+    _seed(engine, table)
     try:
         with engine.begin() as conn:
             conn.execute(aw.racy_skip(table, DAG, RUN, [(t, -1) for t in ROWS]))
@@ -65,15 +71,9 @@ def run() -> int:
         table.metadata.create_all(engine)
         print(f"Airflow-shaped metadata DB: {url}")
         _replay(engine, table, "without ti-guard")
-        for line in install(resolve(url=url, mode="audit"), explicit_policy=True):
-            print(f"  {line}")
-        _replay(engine, table, "with ti-guard, mode=audit: every write goes through, what would be refused is recorded")
-        for line in install(resolve(url=url, mode="raise"), explicit_policy=True):
-            print(f"  {line}")
-        _replay(engine, table, "with ti-guard, mode=raise: the statement fails, nothing is overwritten")
-        for line in install(resolve(url=url, mode="ignore"), explicit_policy=True):
-            print(f"  {line}")
-        _replay(engine, table, "with ti-guard, mode=ignore: guarded rows are left as they were, the rest is skipped")
+        _replay(engine, table, "with ti-guard, mode=audit: every write goes through, what would be refused is recorded", "audit")
+        _replay(engine, table, "with ti-guard, mode=raise: the statement fails, nothing is overwritten", "raise")
+        _replay(engine, table, "with ti-guard, mode=ignore: guarded rows are left as they were, the rest is skipped", "ignore")
         engine.dispose()
         print("\n== ti-guard report (what the guard recorded above; raise mode's refusals rolled back with their statement)")
         settings = resolve(url=url)

@@ -39,7 +39,11 @@ PG_CONFLICTING = (
 
 class Checkup(Report):
     def say(self, level: int, topic: str, text: str) -> None:
-        self.worse(level, f"{TAGS[level]} {topic}: {text}")
+        """Every doctor finding goes through here: {check: topic, level, message: text} in JSON."""
+        self.add(level, topic, text)
+
+    def line(self, finding) -> str:
+        return f"{TAGS[finding.level]} {finding.check}: {finding.message}"
 
     @property
     def word(self) -> str:
@@ -86,11 +90,12 @@ def diagnose(conn: sa.Connection, settings, policy: Policy, head: str) -> Checku
         "mysql": [_mysql_server, _mysql_privileges, _mysql_binlog, _mysql_definers, _mysql_table, _mysql_lock_risk],
         "sqlite": [_sqlite],
     }[dialect_name(conn.dialect.name)]
+    if table_error:
+        # The true reason first: what follows about privileges or locks is about a table that is not there.
+        probe.report.say(CRITICAL, "airflow", str(table_error))
     for check in checks:
         _run(probe, check)
-    if table_error:
-        probe.report.say(CRITICAL, "airflow", str(table_error))
-    else:
+    if not table_error:
         _run(probe, _airflow)
         _run(probe, lambda p: _plan(p, head))
     return probe.report

@@ -39,12 +39,21 @@ _MYSQL_HINTS = {
     1227: "the database user lacks a privilege: {detail}; the user needs TRIGGER (and SUPER or log_bin_trust_function_creators=1 when binary logging is on)",
     1419: "binary logging is on and the user has no SUPER, so it cannot create triggers (error 1419); " + BINLOG_ADVICE,
     1045: "access denied: {detail}; check the user and password in the URL",
+    # MariaDB: no such account for this host, or one that logs in through unix_socket only.
+    1698: "access denied: {detail}; check the user in the URL (the account may not exist for this host, or may log in through the server's socket only) and its password",
     1049: "the database does not exist: {detail}; check the database name in the URL",
     2003: "cannot reach the MySQL server: {detail}; check host and port in the URL and that the server runs",
     1290: "the server is read-only: {detail}; connect to the primary, not a replica",
     1792: "the transaction is read-only: {detail}; connect to the primary, not a replica",
     1449: "the trigger's DEFINER account no longer exists: {detail}; reinstall the guard as an existing user (ti-guard install)",
 }
+
+_LOGIN_REFUSED = (
+    (re.compile(r'role "[^"]*" does not exist'), "the server has no such role (user): {detail}; check the user name in the URL"),
+    (re.compile(r'database "[^"]*" does not exist'), "the database does not exist: {detail}; check the database name in the URL"),
+    (re.compile(r"password authentication failed"), "password authentication failed: {detail}; check the user and password in the URL"),
+    (re.compile(r"no pg_hba\.conf entry"), "the server refused the login: {detail}; check the user and database in the URL and pg_hba.conf"),
+)
 
 
 def _first_line(text: str) -> str:
@@ -68,6 +77,10 @@ def explain(exc: BaseException, table: str = "task_instance") -> GuardError:
         cls = LockTimeout if sqlstate == "55P03" else GuardError
         return cls(_PG_HINTS[sqlstate].format(table=table, detail=detail))
     low = detail.lower()
+    for pattern, advice in _LOGIN_REFUSED:
+        # PostgreSQL refuses these at login, before any SQLSTATE reaches the driver's error.
+        if pattern.search(detail):
+            return GuardError(advice.format(detail=detail))
     if "connection refused" in low or "could not connect" in low or "connection failed" in low or "can't connect" in low:
         return GuardError(f"cannot connect to the database: {detail}; check host and port in the URL and that the server runs")
     if "database is locked" in low:

@@ -148,12 +148,16 @@ def _record_steps(conn: sa.Connection, policy: Policy) -> list[Step]:
     return steps
 
 
-def uninstall(op: Operations, policy: Policy) -> list[str]:
+def uninstall(op: Operations, policy: Policy, keep_record: bool | None = None) -> list[str]:
+    """Remove the guard; the record of refusals too, unless keep_record (default: the migration
+    context's ti_guard_keep_record, which `ti-guard uninstall --keep-record` and `-x keep_record=1` set)."""
+    if keep_record is None:
+        keep_record = bool(op.get_context().opts.get("ti_guard_keep_record"))
     settings = catalog.settings_table(policy)
     if _offline(op):
         for obj in reversed(expected(op.get_context(), policy)):
             emit(op, obj.drop)
-        for statement in _record_drop(op, policy):
+        for statement in [] if keep_record else _record_drop(op, policy):
             emit(op, statement)
         emit(op, _compiled(op, sa.schema.DropTable(settings, if_exists=True)))
         return []
@@ -162,13 +166,40 @@ def uninstall(op: Operations, policy: Policy) -> list[str]:
     _run(op, steps)
     done = [step.describe() for step in steps]
     inspector = sa.inspect(conn)
-    done += [f"dropped table {t.name}" for t in record.tables(policy) if inspector.has_table(t.name, schema=t.schema)]
-    for statement in _record_drop(op, policy):
-        emit(op, statement)
+    if not keep_record:
+        done += [f"dropped table {t.name}" for t in record.tables(policy) if inspector.has_table(t.name, schema=t.schema)]
+        for statement in _record_drop(op, policy):
+            emit(op, statement)
     if inspector.has_table(settings.name, schema=settings.schema):
         emit(op, _compiled(op, sa.schema.DropTable(settings)))
         done.append(f"dropped table {settings.name}")
     return done
+
+
+def record_held(conn: sa.Connection, policy: Policy) -> list[dict]:
+    """What uninstall would delete of the record: per table, its rows and the refusals they count."""
+    details, counts = record.tables(policy)
+    inspector = sa.inspect(conn)
+    held = []
+    for table, rows, refusals in (
+        (details, sa.func.count(details.c.seq), sa.func.count(details.c.seq)),  # empty slots have no seq
+        (counts, sa.func.count(), sa.func.coalesce(sa.func.sum(counts.c.refusals), 0)),
+    ):
+        if inspector.has_table(table.name, schema=table.schema):
+            n, total = conn.execute(sa.select(rows, refusals).select_from(table)).one()
+            held.append({"table": table.name, "rows": int(n), "refusals": int(total)})
+    return held
+
+
+def record_rows(conn: sa.Connection, policy: Policy) -> dict[str, list[dict]]:
+    """The record's rows, for `uninstall --export-record` (the details' empty slots left out)."""
+    details, counts = record.tables(policy)
+    inspector = sa.inspect(conn)
+    out = {}
+    for table, where, order in ((details, details.c.seq.is_not(None), details.c.seq), (counts, sa.true(), counts.c.day)):
+        if inspector.has_table(table.name, schema=table.schema):
+            out[table.name] = [dict(r._mapping) for r in conn.execute(sa.select(table).where(where).order_by(order))]
+    return out
 
 
 def discard_unused_record(conn: sa.Connection, policy: Policy) -> None:

@@ -34,8 +34,31 @@ def settings_from_context():
         lock_timeout=x.get("lock_timeout"),
         lock_retries=x.get("lock_retries"),
         need_url=not (context.is_offline_mode() and x.get("dialect")),
+        flag="-x url=",
     )
     return settings, x.get("dialect")
+
+
+def _keep_record() -> bool:
+    """Downgrading to base leaves the record of refusals: ti-guard uninstall --keep-record, -x keep_record=1."""
+    cfg = context.config
+    if cfg.attributes.get("ti_guard_settings") is not None:
+        return bool(cfg.attributes.get("ti_guard_keep_record"))
+    return context.get_x_argument(as_dictionary=True).get("keep_record", "").lower() in ("1", "true", "yes")
+
+
+# Alembic's read-only commands (current, check, history -i) pass env.py no destination.
+READ_ONLY = object()
+
+
+def destination():
+    """Where the command moves the database: a revision, None for base, or READ_ONLY."""
+    try:
+        revision = context.get_revision_argument()
+    except KeyError:
+        return READ_ONLY
+    # stamp passes a tuple of revisions, which resolves to the symbols themselves.
+    return None if revision in ("base", ()) else revision
 
 
 def _configure(settings, dialect: str, **kw) -> None:
@@ -45,6 +68,10 @@ def _configure(settings, dialect: str, **kw) -> None:
         # SQLite too keeps the install in one transaction; MySQL cannot (DDL commits).
         transactional_ddl=dialect in ("postgresql", "sqlite"),
         ti_guard_policy=settings.policy,
+        ti_guard_keep_record=_keep_record(),
+        # `alembic check`: the guard is triggers, not models; it checks that the database is at head.
+        target_metadata=sa.MetaData(),
+        include_name=lambda *_: False,
         **kw,
     )
 
@@ -67,17 +94,21 @@ def run_offline(settings, dialect: str) -> None:
         if statement:
             context.get_context().impl.static_output(statement + ";\n")
         context.run_migrations()
-        if context.get_revision_argument() is None:  # downgraded to base
+        if destination() is None:  # downgraded to base
             # As online: a removal leaves no table of ours behind.
             context.get_context().impl.static_output(f"DROP TABLE {_version_table_sql(settings.policy, dialect)};\n")
 
 
 def run_online(settings) -> None:
-    engine = make_engine(settings.url, writes=True)
+    moving = destination() is not READ_ONLY
+    config_mod.require_existing(settings)
+    engine = make_engine(settings.url, writes=moving)
     dialect = dialect_name(settings.url)
     try:
         with_lock_retries(engine, settings, lambda conn: _migrate(conn, settings, dialect))
     except GuardError:
+        if not moving:
+            raise
         # MySQL commits each DDL statement: do not leave an empty version table or record behind.
         with_lock_retries(engine, settings, lambda conn: drop_version_table(conn, settings.policy, only_if_empty=True))
         with_lock_retries(engine, settings, lambda conn: installation.discard_unused_record(conn, settings.policy))
@@ -87,14 +118,16 @@ def run_online(settings) -> None:
 
 
 def _migrate(conn, settings, dialect: str) -> None:
-    if context.get_revision_argument() is not None:
+    target = destination()
+    if target is not None and target is not READ_ONLY:
         # Upgrading: refuse a database that is not Airflow's before writing anything to it.
         catalog.table_columns(conn, settings.policy)
         conn.rollback()
-    _configure(settings, dialect, connection=conn)
+    # Read-only commands leave the database as it was: no version table either (check, history -i).
+    _configure(settings, dialect, connection=conn, dont_mutate=target is READ_ONLY)
     with context.begin_transaction():
         context.run_migrations()
-    if not context.get_context().get_current_heads():
+    if target is not READ_ONLY and not context.get_context().get_current_heads():
         # At base: remove the version table too, so that nothing of ours is left.
         drop_version_table(conn, settings.policy)
 

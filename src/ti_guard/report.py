@@ -9,7 +9,6 @@ RECORD_ROWS refusals, so the report says how far back the details reach.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -38,8 +37,8 @@ class Refusals:
     since: str
     until: str
     status: str
-    status_code: int
-    mode: str
+    code: int  # the guard's status code, which report exits with
+    mode: str | None  # None: no guard installed
     by_day: list[dict] = field(default_factory=list)
     totals: list[dict] = field(default_factory=list)
     top_dags: list[dict] = field(default_factory=list)
@@ -48,6 +47,7 @@ class Refusals:
     details_held: int = 0
     details_capacity: int = RECORD_ROWS
     details_from: str | None = None
+    policy: Policy | None = field(default=None, repr=False)  # the guard's, for the JSON envelope; not itself shown
 
 
 def gather(conn: sa.Connection, policy: Policy, since: dt.timedelta, status) -> Refusals:
@@ -55,8 +55,8 @@ def gather(conn: sa.Connection, policy: Policy, since: dt.timedelta, status) -> 
     until = _utcnow(conn)
     start = until - since
     out = Refusals(
-        since=_iso(start), until=_iso(until), status=status.word, status_code=status.code,
-        mode=status.policy.mode if status.policy else policy.mode,
+        since=iso(start), until=iso(until), status=status.word, code=status.code,
+        mode=status.policy.mode if status.policy else None, policy=status.policy,
     )
     if any(f.missing for f in record.check(conn, policy) if f.table is not None):
         return out
@@ -64,13 +64,13 @@ def gather(conn: sa.Connection, policy: Policy, since: dt.timedelta, status) -> 
     n = sa.func.sum(counts.c.refusals).label("refusals")
     key = [counts.c[k] for k in COUNT_KEY]
     rows = conn.execute(sa.select(counts.c.day, *key, n).where(counts.c.day >= start.date()).group_by(counts.c.day, *key).order_by(counts.c.day, *key))
-    out.by_day = [{"day": _iso(r.day), **{k: r._mapping[k] for k in COUNT_KEY}, "refusals": int(r.refusals)} for r in rows]
+    out.by_day = [{"day": iso(r.day), **{k: r._mapping[k] for k in COUNT_KEY}, "refusals": int(r.refusals)} for r in rows]
     rows = conn.execute(sa.select(*key, n).group_by(*key).order_by(*key))
     out.totals = [{**{k: r._mapping[k] for k in COUNT_KEY}, "refusals": int(r.refusals)} for r in rows]
 
     held = details.c.seq.is_not(None)
     out.details_held = conn.execute(sa.select(sa.func.count()).where(held)).scalar()
-    out.details_from = _iso(conn.execute(sa.select(sa.func.min(details.c.refused_at)).where(held)).scalar())
+    out.details_from = iso(conn.execute(sa.select(sa.func.min(details.c.refused_at)).where(held)).scalar())
     recent = sa.and_(held, details.c.refused_at >= start)
     hits = sa.func.count().label("refusals")
     for name, columns in (("top_dags", [details.c.dag_id]), ("top_tasks", [details.c.dag_id, details.c.task_id])):
@@ -78,7 +78,7 @@ def gather(conn: sa.Connection, policy: Policy, since: dt.timedelta, status) -> 
         setattr(out, name, [dict(r._mapping) for r in rows])
     shown = [c for c in details.c if c.name not in ("slot", "seq")]
     rows = conn.execute(sa.select(*shown).where(recent).order_by(details.c.seq.desc()).limit(LATEST))
-    out.latest = [{k: _iso(v) for k, v in r._mapping.items()} for r in rows]
+    out.latest = [{k: iso(v) for k, v in r._mapping.items()} for r in rows]
     return out
 
 
@@ -93,14 +93,21 @@ def _utcnow(conn) -> dt.datetime:
     return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-def _iso(value):
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
+def iso(value):
+    """ISO 8601: a datetime with its UTC offset (the record and the server clock are UTC), a date as is."""
+    if isinstance(value, dt.datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
     return value
 
 
-def as_json(report: Refusals) -> str:
-    return json.dumps(asdict(report), indent=2)
+def as_dict(report: Refusals) -> dict:
+    """The report's own keys of `report --format json` (the CLI puts the common ones first)."""
+    out = asdict(report)
+    for key in ("policy", "status", "code", "mode"):  # in the envelope
+        out.pop(key)
+    return out
 
 
 def as_prometheus(report: Refusals) -> str:
@@ -114,7 +121,7 @@ def as_prometheus(report: Refusals) -> str:
     lines += [
         "# HELP ti_guard_status The guard's state as ti-guard status exits: 0 installed/current, 1 outdated, 2 missing, 3 unknown.",
         "# TYPE ti_guard_status gauge",
-        f"ti_guard_status {report.status_code}",
+        f"ti_guard_status {report.code}",
         "# HELP ti_guard_mode The mode the guard runs in (1 for the current one).",
         "# TYPE ti_guard_mode gauge",
         *[f"ti_guard_mode{_labels({'mode': m})} {int(m == report.mode)}" for m in ("ignore", "raise", "audit")],
@@ -136,7 +143,8 @@ def _labels(values: dict) -> str:
 
 
 def as_text(report: Refusals, url: str) -> str:
-    lines = [f"ti-guard report on {url}: {report.since} to {report.until} UTC; guard {report.status}, mode={report.mode}"]
+    mode = f", mode={report.mode}" if report.mode else ""
+    lines = [f"ti-guard report on {url}: {report.since} to {report.until}; guard {report.status}{mode}"]
     lines.append("")
     lines.append("Refusals by day, rule and old state (exact; action keep: the row was left as it was; audit: let through, would have been kept):")
     lines += _table(report.by_day, ("day", *COUNT_KEY, "refusals")) or ["  none"]

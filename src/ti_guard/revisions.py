@@ -7,6 +7,7 @@ repository.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from importlib import resources
 
 from alembic.config import Config
@@ -19,6 +20,11 @@ def alembic_config(settings, dialect=None, stdout=None) -> Config:
     cfg.attributes["ti_guard_settings"] = settings
     cfg.attributes["ti_guard_dialect"] = dialect
     return cfg
+
+
+def packaged_ini() -> str:
+    """The alembic.ini shipped in the package (script_location = ti_guard.migrations:.)."""
+    return str(Path(__file__).with_name("alembic.ini"))
 
 
 def head_revision() -> str:

@@ -15,17 +15,43 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 # 0.4.0's guard function set its search_path from the table it fired on, with EXECUTE left to PUBLIC.
 UNSAFE_SEARCH_PATH = "set_config('search_path'"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
+# A finding's level in JSON: the Nagios name of the exit code it raises the check to.
+LEVELS = {OK: "ok", WARNING: "warning", CRITICAL: "critical", UNKNOWN: "unknown"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str  # what was looked at: guard (status); server, privileges, airflow, ... (doctor)
+    level: int
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"check": self.check, "level": LEVELS[self.level], "message": self.message}
 
 
 @dataclass
 class Report:
     code: int = OK
-    lines: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     policy: Policy | None = None
 
+    def add(self, level: int, check: str, message: str) -> None:
+        """Every finding goes through here: it raises the report's code to its level."""
+        self.code = max(self.code, level)
+        self.findings.append(Finding(check, level, message))
+
     def worse(self, code: int, line: str) -> None:
-        self.code = max(self.code, code)
-        self.lines.append(line)
+        self.add(code, "guard", line)
+
+    def note(self, line: str) -> None:
+        self.add(OK, "guard", line)
+
+    def line(self, finding: Finding) -> str:
+        return finding.message
+
+    @property
+    def lines(self) -> list[str]:
+        return [self.line(f) for f in self.findings]
 
     @property
     def word(self) -> str:
@@ -46,6 +72,7 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
         report.worse(UNKNOWN, f"{policy.table}'s triggers are hidden from this account: MySQL shows them only with the TRIGGER privilege; run status as the installing account or grant TRIGGER")
         return report
     if not recorded and not installed:
+        report.policy = None  # nothing installed: no mode to name
         report.worse(CRITICAL, f"no ti_guard objects on {policy.table}: run ti-guard install (or alembic upgrade head)")
         return report
     if not recorded:
@@ -80,7 +107,7 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if head and version != head:
         report.worse(WARNING, f"migration revision is {version or 'none'}, head is {head}: run ti-guard install (or alembic upgrade head)")
     if report.code == OK:
-        report.lines.append(f"{len(objects)} object(s) on {policy.table} match {policy.describe()} (revision {version})")
+        report.note(f"{len(objects)} object(s) on {policy.table} match {policy.describe()} (revision {version})")
     return report
 
 
@@ -100,7 +127,7 @@ def _missing_hint(conn, policy, installed) -> str:
 def _check_definers(conn, installed, report: Report) -> None:
     dead = catalog.missing_definers(conn, installed.values())
     if dead is None:
-        report.lines.append("cannot verify the triggers' DEFINER accounts (no SELECT on mysql.user)")
+        report.note("cannot verify the triggers' DEFINER accounts (no SELECT on mysql.user)")
     for name, definer in dead or ():
         report.worse(
             CRITICAL,
