@@ -7,7 +7,9 @@ Variants, in the same database and rounds (order rotated), on a fresh copy of th
 - ignore: each row kept and recorded (ring update + counter upsert per row);
 - audit: each row let through and recorded;
 - ignore unrecorded (PostgreSQL only): the same guard with the record's tables dropped, which the
-  guard then skips: the cost of keeping alone, so ignore / this is the record's share.
+  guard then skips: the cost of keeping alone, so ignore / this is the record's share;
+- ignore 0.4.0 (PostgreSQL, MySQL): 0.4.0's guard from its sql/ file (tests/security/), the
+  baseline for what 0.5.0's security changes cost a refused row.
 Writes the guard lets through never reach the record; their counts are in mechanism.py.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import io
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -30,7 +33,8 @@ import bench_data  # noqa: E402
 from ti_guard import airflow_writes, cli  # noqa: E402
 from ti_guard.policy import COUNTS_TABLE, RECORD_TABLE  # noqa: E402
 
-VARIANTS = ("none", "ignore", "audit", "ignore unrecorded")
+VARIANTS = ("none", "ignore", "audit", "ignore unrecorded", "ignore 0.4.0")
+BASELINE = Path(__file__).resolve().parent.parent / "tests" / "security"
 
 
 def _fill(engine, table, rows: int) -> None:
@@ -47,6 +51,9 @@ def _set(url: str, variant: str) -> None:
         if variant == "none":
             cli.main(["uninstall", "--url", url])
             return
+        if variant == "ignore 0.4.0":
+            _client(url, BASELINE / f"{sa.engine.make_url(url).get_backend_name()}-0.4.0-install.sql")
+            return
         assert cli.main(["install", "--url", url, f"--mode={variant.split()[0]}"]) == 0
     if variant == "ignore unrecorded":
         engine = sa.create_engine(url)
@@ -54,6 +61,16 @@ def _set(url: str, variant: str) -> None:
             conn.exec_driver_sql(f"DROP TABLE {RECORD_TABLE}")
             conn.exec_driver_sql(f"DROP TABLE {COUNTS_TABLE}")
         engine.dispose()
+
+
+def _client(url: str, path: Path) -> None:
+    """A sql/ file as a DBA installs it, through the server's own client."""
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() == "postgresql":
+        cmd, stdin = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", f"postgresql://{u.username}@{u.host}:{u.port or 5432}/{u.database}", "-f", str(path)], None
+    else:
+        cmd, stdin = ["mariadb", f"-u{u.username}", f"-h{u.host}", f"-P{u.port or 3306}", u.database], path.read_text()
+    subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=True)
 
 
 def _timed(engine, table) -> float:
@@ -66,7 +83,8 @@ def _timed(engine, table) -> float:
 
 def run(backend: str, rows: int, rounds: int) -> dict:
     db = bench_data.open_db(backend, None)
-    times = {v: [] for v in VARIANTS if backend == "postgresql" or v != "ignore unrecorded"}
+    kept = {"postgresql": VARIANTS, "mysql": [v for v in VARIANTS if v != "ignore unrecorded"], "sqlite": VARIANTS[:3]}
+    times = {v: [] for v in kept[backend]}
     try:
         order = list(times)
         for r in range(rounds):
@@ -86,13 +104,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default="postgresql,mysql,sqlite")
     args = parser.parse_args(argv)
-    print(f"| backend | {' | '.join(VARIANTS)} | ignore / none | record's share (ignore / ignore unrecorded) |")
-    print("|---|" + "---|" * (len(VARIANTS) + 2))
+    print(f"| backend | {' | '.join(VARIANTS)} | ignore / none | record's share (ignore / ignore unrecorded) | ignore / ignore 0.4.0 |")
+    print("|---|" + "---|" * (len(VARIANTS) + 3))
     for backend in args.backends.split(","):
         med = run(backend, args.rows, args.rounds)
         cells = [f"{med[v]:.2f} s ({med[v] / args.rows * 1e6:.0f} µs/row)" if v in med else "-" for v in VARIANTS]
         share = f"{med['ignore'] / med['ignore unrecorded']:.2f}x" if "ignore unrecorded" in med else "-"
-        print(f"| {backend} | {' | '.join(cells)} | {med['ignore'] / med['none']:.1f}x | {share} |", flush=True)
+        versus = f"{med['ignore'] / med['ignore 0.4.0']:.2f}x" if "ignore 0.4.0" in med else "-"
+        print(f"| {backend} | {' | '.join(cells)} | {med['ignore'] / med['none']:.1f}x | {share} | {versus} |", flush=True)
     return 0
 
 

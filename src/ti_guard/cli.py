@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import datetime as dt
 import json
 import os
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ti-guard",
         description="Guard Airflow's task_instance against skips that overwrite started or finished tasks.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ti-guard')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, policy=True, lock=False):
