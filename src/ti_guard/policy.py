@@ -94,6 +94,14 @@ SIGNATURES = {
     BUMPS_TRY_NUMBER: "writes try_number (`DagRun.schedule_tis` always does; 3.3's human-in-the-loop "
     "resume, the one deliberate running -> scheduled, does not)",
 }
+# The column each signature is read from: a table without it (a migration dropped it) gets no such
+# rule, rather than a trigger that names a column the table lacks.
+SIGNATURE_NEEDS = {
+    STAMPS_START: "start_date",
+    ENDS_WITHOUT_NEXT_METHOD: "next_method",
+    ENDS_IN_ONE_STATEMENT: "end_date",
+    BUMPS_TRY_NUMBER: "try_number",
+}
 
 
 @dataclass(frozen=True)
@@ -283,8 +291,9 @@ class Policy:
         out = []
         for rule in RULES:
             olds = rule.olds(self.protect, generation)
-            if olds and generation in rule.airflow:
-                out.append((rule.for_generation(generation), olds, self.action(rule)))
+            installed = rule.for_generation(generation)
+            if olds and generation in rule.airflow and (columns is None or SIGNATURE_NEEDS[installed.signature] in columns):
+                out.append((installed, olds, self.action(rule)))
         return out
 
     def action(self, rule: Rule) -> str:

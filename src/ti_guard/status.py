@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -12,6 +13,8 @@ from .policy import VERSION_TABLE, Policy
 from .render import dialect_name
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+# A column of the row a trigger names: NEW.c / OLD.c in its body, or in an `UPDATE OF c` (SQLite's text).
+_ROW_COLUMN = re.compile(r"\b(?:NEW\.|OLD\.|UPDATE OF )[`\"]?([A-Za-z_][A-Za-z0-9_]*)")
 # 0.4.0's guard function set its search_path from the table it fired on, with EXECUTE left to PUBLIC.
 UNSAFE_SEARCH_PATH = "set_config('search_path'"
 WORDS = {OK: "installed/current", WARNING: "installed/outdated", CRITICAL: "missing", UNKNOWN: "unknown"}
@@ -94,6 +97,8 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
         elif have.public_execute:
             report.worse(WARNING, f"function {obj.name} may be executed by PUBLIC (EXECUTE had been granted to PUBLIC): run ti-guard install to revoke it")
+    for have, gone in dropped_columns(installed, columns):
+        report.worse(CRITICAL, f"the guard is broken: {have.kind} {have.name} names column(s) {', '.join(gone)} that {policy.table} no longer has (the writes that reach them fail, or it guards nothing); run ti-guard install")
     for have in installed.values():
         if have.kind == "function" and have.public_execute and UNSAFE_SEARCH_PATH in have.definition:
             report.worse(CRITICAL, f"function {have.name} (ti-guard 0.4.0) lets any role that can connect run its own code as the function's owner (SECURITY.md): run ti-guard install now")
@@ -109,6 +114,19 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     if report.code == OK:
         report.note(f"{len(objects)} object(s) on {policy.table} match {policy.describe()} (revision {version})")
     return report
+
+
+def dropped_columns(installed: dict, columns) -> list:
+    """(object, [columns]) for each installed object whose body names a column of the row
+    (NEW.c / OLD.c) that the table no longer has: MySQL resolves those only when the statement
+    that names one runs, so a migration that dropped it breaks just the writes that reach it."""
+    have = {c.lower() for c in columns}
+    found = []
+    for obj in installed.values():
+        named = {m.lower() for m in _ROW_COLUMN.findall(obj.definition)}
+        if named - have:
+            found.append((obj, sorted(named - have)))
+    return found
 
 
 def _earlier_guard_intact(recorded, installed, objects) -> str:
