@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -76,19 +77,42 @@ def test_alembic_upgrade_downgrade_round_trip(db, shape, capsys):
     assert db.cli("status") == 2
 
 
+def _racy_skip_of_a_finished_row(db, table) -> tuple[str | None, str]:
+    """The pre-fix skip writer over a finished TI: (the guard's error or None, the state that stays)."""
+    with db.engine.begin() as conn:
+        conn.execute(table.delete())
+        conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r",
+                                           state="success", try_number=1))
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
+        error = None
+    except sa.exc.DBAPIError as exc:
+        error = str(exc.orig)
+    with db.engine.connect() as conn:
+        return error, conn.execute(sa.select(table.c.state)).scalar()
+
+
 def test_mode_switch_replaces_in_place_and_status_tells(db, capsys):
-    db.table()
+    table = db.table()
     db.install("raise")
     raise_objects = set(objects(db))
+    error, state = _racy_skip_of_a_finished_row(db, table)
+    assert error is not None and "ti_guard: refused" in error and state == "success"  # raise: refused with an error
     db.install("ignore")
     # What the modes render differently (racy_skip's action) is replaced; what they share stays.
     ignore_only = set(objects(db)) - raise_objects
-    assert ignore_only and any("racy_skip" in name or "guard" in name for name in ignore_only)
+    assert ignore_only and all(name in objects(db) for name in raise_objects & set(objects(db)))
+    assert _racy_skip_of_a_finished_row(db, table) == (None, "success")  # ignore: kept, no error
     capsys.readouterr()
     assert db.cli("status") == 0
     assert "mode=ignore" in capsys.readouterr().out
     assert db.cli("install") == 0  # without --mode: keeps what is installed
     assert db.cli("status") == 0 and "mode=ignore" in capsys.readouterr().out
+    assert _racy_skip_of_a_finished_row(db, table) == (None, "success")
+    db.install("raise")  # and back
+    error, state = _racy_skip_of_a_finished_row(db, table)
+    assert error is not None and "ti_guard: refused" in error and state == "success"
 
 
 def test_status_catches_a_dropped_or_disabled_trigger(db, capsys):
@@ -227,15 +251,36 @@ def test_sql_files_through_real_clients_match_the_alembic_route(db):
     assert objects(db) == {} and tables(db) == set()
 
 
-def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
-    """SQLite answers SQLITE_BUSY at once (no busy wait) when a reader wants to become a writer
-    while another connection writes; install must retry that like a lock timeout, not fail."""
+def _sqlite_with_a_running_row(tmp_path):
     url = f"sqlite:///{tmp_path / 'airflow.db'}"
     engine = make_engine(url)
     table = task_instance_table(sa.MetaData())
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
+    return url, engine, table
+
+
+@contextlib.contextmanager
+def _errors_met_by(thread: threading.Thread):
+    """The database errors that statements sent from `thread` met (whatever caught them)."""
+    met = []
+
+    def seen(context):
+        if threading.current_thread() is thread:
+            met.append(str(context.original_exception))
+
+    sa.event.listen(sa.engine.Engine, "handle_error", seen)
+    try:
+        yield met
+    finally:
+        sa.event.remove(sa.engine.Engine, "handle_error", seen)
+
+
+def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
+    """A heartbeat writer keeps committing: every install (and the mode switches) succeeds, the
+    writer keeps committing during them, and the guard they leave keeps a running row."""
+    url, engine, table = _sqlite_with_a_running_row(tmp_path)
     stop, commits = threading.Event(), []
 
     def heartbeats():
@@ -259,6 +304,39 @@ def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
     finally:
         stop.set()
         writer.join()
-    engine.dispose()
     assert before >= 5 and during > 0, (before, during)
     assert results == [0, 0, 0]
+    assert cli.main(["status", "--url", url]) == 0
+    with pytest.raises(sa.exc.IntegrityError, match="ti_guard"):
+        with engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state)).scalar() == "running"
+    engine.dispose()
+
+
+def test_sqlite_install_retries_while_another_connection_holds_the_write_lock(tmp_path):
+    """SQLite answers SQLITE_BUSY ("database is locked") once its busy wait runs out
+    runs out while another connection holds the write lock: install must meet that, retry it like a
+    lock timeout, and finish once the lock is free, not fail."""
+    url, engine, table = _sqlite_with_a_running_row(tmp_path)
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(sa.update(table).values(hostname="holder"))  # the write lock, held ...
+    result = {}
+    install = threading.Thread(target=lambda: result.setdefault("rc", cli.main(["install", "--url", url, "--lock-timeout=0.2", "--lock-retries=20"])))
+    try:
+        with _errors_met_by(install) as met:
+            install.start()
+            deadline = time.monotonic() + 60
+            while not any("database is locked" in e for e in met) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            holder.rollback()  # ... until install met SQLITE_BUSY
+            install.join(60)
+    finally:
+        holder.close()
+    rc = result.get("rc")
+    assert any("database is locked" in e for e in met), f"install never met SQLITE_BUSY: this test proved nothing ({met})"
+    assert rc == 0
+    assert cli.main(["status", "--url", url]) == 0
+    engine.dispose()
