@@ -67,6 +67,22 @@ def seed_and_skip(engine, table) -> str:
         return conn.execute(sa.select(table.c.state)).scalar()
 
 
+def ordinary_writes_go_through(engine, table) -> None:
+    """Airflow's own writes to a task instance of its own (a worker starts it, heartbeats, the task
+    finishes itself, skipped), each counting its row and landing; the row is removed afterwards."""
+    key = aw.key_of(table, "d", "ordinary", "r")
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=str(uuid.uuid4()), dag_id="d", task_id="ordinary", run_id="r", state="queued", try_number=1))
+    try:
+        for write, state in ((aw.worker_start, "running"), (aw.heartbeat, "running"), (lambda t, k: aw.finish(t, k, "skipped"), "skipped")):
+            with engine.begin() as conn:
+                assert conn.execute(write(table, key)).rowcount == 1
+                assert conn.execute(sa.select(table.c.state).where(key)).scalar() == state
+    finally:
+        with engine.begin() as conn:
+            conn.execute(table.delete().where(key))
+
+
 def _admin(url):
     engine = make_engine(url, isolation_level="AUTOCOMMIT")
     try:
