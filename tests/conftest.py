@@ -57,7 +57,8 @@ def seed_and_skip(engine, table) -> str:
     """A finished task, then the pre-fix skip writer at it; returns the state that stays."""
     with engine.begin() as conn:
         conn.execute(table.delete())
-        conn.execute(table.insert().values(id=str(uuid.uuid4()), dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
+        # hex: a reflected Airflow id on MySQL is CHAR(32) (SQLAlchemy's Uuid), which takes no dashes
+        conn.execute(table.insert().values(id=uuid.uuid4().hex, dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
     try:
         with engine.begin() as conn:
             conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
@@ -72,7 +73,7 @@ def ordinary_writes_go_through(engine, table) -> None:
     finishes itself, skipped), each counting its row and landing; the row is removed afterwards."""
     key = aw.key_of(table, "d", "ordinary", "r")
     with engine.begin() as conn:
-        conn.execute(table.insert().values(id=str(uuid.uuid4()), dag_id="d", task_id="ordinary", run_id="r", state="queued", try_number=1))
+        conn.execute(table.insert().values(id=uuid.uuid4().hex, dag_id="d", task_id="ordinary", run_id="r", state="queued", try_number=1))
     try:
         for write, state in ((aw.worker_start, "running"), (aw.heartbeat, "running"), (lambda t, k: aw.finish(t, k, "skipped"), "skipped")):
             with engine.begin() as conn:

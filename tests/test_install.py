@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ti_guard import airflow_writes as aw
 
+from conftest import ordinary_writes_go_through, seed_and_skip
 from ti_guard import catalog, cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine
@@ -128,11 +129,15 @@ def test_status_catches_a_dropped_or_disabled_trigger(db, capsys):
     capsys.readouterr()
     assert db.cli("status") == 2
     assert "missing" in capsys.readouterr().out
+    assert seed_and_skip(db.engine, table) == "skipped"  # the status was right: no guard for that write
     assert db.cli("install") == 0 and db.cli("status") == 0
+    assert seed_and_skip(db.engine, table) == "success"
     if db.backend == "postgresql":
         db.sql(f"ALTER TABLE {table.name} DISABLE TRIGGER {trigger.name}")
         assert db.cli("status") == 2
+        assert seed_and_skip(db.engine, table) == "skipped"
         assert db.cli("install") == 0 and db.cli("status") == 0
+        assert seed_and_skip(db.engine, table) == "success"
 
 
 def test_status_reports_outdated_definition(db, capsys):
@@ -174,16 +179,21 @@ def test_guard_from_another_release_is_outdated_not_missing(db, capsys, monkeypa
 
 
 def test_mysql_guard_survives_an_airflow_migration_that_adds_columns(mysql_db, capsys):
-    """A kept row gets back only its rules' columns, so a new Airflow column leaves the trigger current."""
-    mysql_db.table()
+    """A kept row gets back only its rules' columns, so a new Airflow column leaves the trigger
+    current, and the guard keeps guarding while Airflow's writes (which may set the new column) go
+    through. (A column the guard names going away: tests/test_dropped_column.py.)"""
+    table = mysql_db.table()
     mysql_db.install("ignore")
     mysql_db.sql("ALTER TABLE task_instance ADD COLUMN new_in_next_airflow INT")
     capsys.readouterr()
     assert mysql_db.cli("status") == 0
-    # A column a rule restores going away does change the expected trigger: outdated, still guarding.
-    mysql_db.sql("ALTER TABLE task_instance DROP COLUMN scheduled_dttm")
-    assert mysql_db.cli("status") == 1 and "still guards" in capsys.readouterr().out
-    assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
+    table = sa.Table("task_instance", sa.MetaData(), autoload_with=mysql_db.engine)
+    assert seed_and_skip(mysql_db.engine, table) == "success"  # the racy skip of a finished row: kept
+    ordinary_writes_go_through(mysql_db.engine, table)
+    with mysql_db.engine.begin() as conn:  # a write of the new column
+        assert conn.execute(sa.update(table).values(new_in_next_airflow=1)).rowcount == 1
+    with mysql_db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state, table.c.new_in_next_airflow)).one() == ("success", 1)
 
 
 def test_postgresql_non_default_schema(pg_db):
