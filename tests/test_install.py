@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from ti_guard import airflow_writes as aw
 
-from conftest import ordinary_writes_go_through, seed_and_skip
+from conftest import ordinary_writes_go_through, racy_skip_of_a_finished_row, seed_and_skip
 from ti_guard import catalog, cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine
@@ -78,41 +78,25 @@ def test_alembic_upgrade_downgrade_round_trip(db, shape, capsys):
     assert db.cli("status") == 2
 
 
-def _racy_skip_of_a_finished_row(db, table) -> tuple[str | None, str]:
-    """The pre-fix skip writer over a finished TI: (the guard's error or None, the state that stays)."""
-    with db.engine.begin() as conn:
-        conn.execute(table.delete())
-        conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r",
-                                           state="success", try_number=1))
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
-        error = None
-    except sa.exc.DBAPIError as exc:
-        error = str(exc.orig)
-    with db.engine.connect() as conn:
-        return error, conn.execute(sa.select(table.c.state)).scalar()
-
-
 def test_mode_switch_replaces_in_place_and_status_tells(db, capsys):
     table = db.table()
     db.install("raise")
     raise_objects = set(objects(db))
-    error, state = _racy_skip_of_a_finished_row(db, table)
+    error, state = racy_skip_of_a_finished_row(db.engine, table)
     assert error is not None and "ti_guard: refused" in error and state == "success"  # raise: refused with an error
     db.install("ignore")
     # What the modes render differently (racy_skip's action) is replaced; what they share stays.
     ignore_only = set(objects(db)) - raise_objects
     assert ignore_only and all(name in objects(db) for name in raise_objects & set(objects(db)))
-    assert _racy_skip_of_a_finished_row(db, table) == (None, "success")  # ignore: kept, no error
+    assert racy_skip_of_a_finished_row(db.engine, table) == (None, "success")  # ignore: kept, no error
     capsys.readouterr()
     assert db.cli("status") == 0
     assert "mode=ignore" in capsys.readouterr().out
     assert db.cli("install") == 0  # without --mode: keeps what is installed
     assert db.cli("status") == 0 and "mode=ignore" in capsys.readouterr().out
-    assert _racy_skip_of_a_finished_row(db, table) == (None, "success")
+    assert racy_skip_of_a_finished_row(db.engine, table) == (None, "success")
     db.install("raise")  # and back
-    error, state = _racy_skip_of_a_finished_row(db, table)
+    error, state = racy_skip_of_a_finished_row(db.engine, table)
     assert error is not None and "ti_guard: refused" in error and state == "success"
 
 
