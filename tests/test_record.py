@@ -10,7 +10,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from conftest import one_line_error
+from conftest import one_line_error, ordinary_writes_go_through
 from ti_guard import airflow_writes as aw
 from ti_guard.policy import COUNT_BUCKETS, COUNTS_TABLE, RECORD_ROWS, RECORD_TABLE
 
@@ -180,7 +180,12 @@ def test_missing_or_altered_record_is_reported_and_repaired(db, capsys):
     assert f"record table {COUNTS_TABLE} is missing" in capsys.readouterr().out
     if db.backend != "sqlite":
         assert _skip_all(db, table, keys[:1]) == 1 and _states(db, table) == ["running", "success"]
+        ordinary_writes_go_through(db.engine, table)  # warning, not critical: Airflow's writes still land
+    else:
+        with pytest.raises(sa.exc.OperationalError, match=COUNTS_TABLE):  # critical: what the status says
+            _skip_all(db, table, keys[:1])
     assert db.cli("install") == 0 and db.cli("status") == 0
+    ordinary_writes_go_through(db.engine, table)
     db.sql(f"ALTER TABLE {RECORD_TABLE} ADD COLUMN note VARCHAR(10)")
     capsys.readouterr()
     assert db.cli("status") == 1
