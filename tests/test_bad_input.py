@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
 
 from conftest import one_line_error
+from ti_guard import airflow_writes as aw
 from ti_guard import catalog, cli, config
 from ti_guard.errors import GuardError
 from ti_guard.policy import Policy
@@ -139,22 +141,79 @@ def test_demo_runs_without_a_server(capsys):
     assert by_day.count("racy_skip  audit") == 3 and by_day.count("racy_skip  keep") == 3
 
 
-def test_lock_wait_does_not_block_writers_past_the_timeout(pg_db):
-    """While install waits for its lock, a writer behind it waits no longer than the lock timeout."""
-    table = pg_db.table()
-    holder = pg_db.engine.connect()
+def _waiting_for_a_lock(db, conn_id) -> bool:
+    """Is the server session `conn_id` blocked on a table lock (PostgreSQL) or metadata lock (MySQL)?"""
+    sql = ("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :id" if db.backend == "postgresql" else
+           "SELECT state LIKE 'Waiting for table metadata lock%' FROM information_schema.processlist WHERE id = :id")
+    with db.engine.connect() as conn:
+        return bool(conn.execute(sa.text(sql), {"id": conn_id}).scalar())
+
+
+def _until(condition, seconds=30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_lock_wait_does_not_block_writers_past_the_timeout(server_db):
+    """While install waits for its lock, a writer that queues behind install's lock request gets
+    through once install gives up, while the transaction install waited for is still open (without
+    install's lock timeout, the writer would wait for that transaction to end)."""
+    table = server_db.table()
+    mysql = server_db.backend == "mysql"
+    with server_db.engine.begin() as conn:
+        conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
+    holder = server_db.engine.connect()
     holder.begin()
-    holder.exec_driver_sql("LOCK TABLE task_instance IN ROW EXCLUSIVE MODE")
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", pg_db.cli("install", "--lock-timeout=0.5", "--lock-retries=1")))
-    thread.start()
-    thread.join(10)
-    holder.rollback()
-    holder.close()
-    assert result["rc"] == 2
-    with pg_db.engine.begin() as conn:  # the table is writable at once afterwards
-        conn.exec_driver_sql("SET lock_timeout = '1s'")
-        conn.execute(sa.update(table).values(state="running"))
+    # A transaction that read or wrote the table and is still open (PostgreSQL: ROW EXCLUSIVE; MySQL:
+    # a shared metadata lock, held to its end, no row lock): it blocks the trigger's DDL, not writers.
+    holder.execute(sa.select(table) if mysql else sa.text("LOCK TABLE task_instance IN ROW EXCLUSIVE MODE"))
+    result, writer_done = {}, threading.Event()
+    install = threading.Thread(target=lambda: result.setdefault("rc", server_db.cli("install", "--lock-timeout=3", "--lock-retries=1")))
+    writer_conn = server_db.engine.connect()
+    writer_id = writer_conn.exec_driver_sql("SELECT CONNECTION_ID()" if mysql else "SELECT pg_backend_pid()").scalar()
+    writer_conn.commit()
+
+    def writer():
+        with writer_conn.begin():
+            writer_conn.execute(aw.heartbeat(table, aw.key_of(table, "d", "t", "r")))
+        writer_done.set()
+
+    writes = threading.Thread(target=writer)
+    try:
+        install.start()
+        # install's DDL is queued behind the holder ...
+        assert _until(lambda: _queued_ddl(server_db)), "install never waited for the table's lock"
+        writes.start()
+        # ... and the writer queued behind install's request (else this test proves nothing) ...
+        assert _until(lambda: _waiting_for_a_lock(server_db, writer_id) or writer_done.is_set())
+        assert not writer_done.is_set(), "the writer never queued behind install: this test proved nothing"
+        # ... gets through once install gives up, while the holder's transaction is still open.
+        assert writer_done.wait(30), "the writer stayed queued behind install's lock request"
+        install.join(30)
+        assert result.get("rc") == 2
+    finally:
+        holder.rollback()
+        holder.close()
+        install.join(60)
+        if writes.ident is not None:
+            writes.join(60)
+        writer_conn.close()
+    with server_db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.last_heartbeat_at)).scalar() is not None
+
+
+def _queued_ddl(db) -> bool:
+    """A session on this test's database (the servers are shared) waits for a lock in a DDL statement."""
+    if db.backend == "postgresql":
+        sql = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query ILIKE 'CREATE%'"
+    else:
+        sql = "SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() AND state LIKE 'Waiting for table metadata lock%' AND info LIKE 'CREATE%'"
+    with db.engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar() > 0
 
 
 def test_read_only_commands_never_create_a_sqlite_file(tmp_path, monkeypatch, capsys):

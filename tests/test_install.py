@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 
 from ti_guard import airflow_writes as aw
 
+from conftest import ordinary_writes_go_through, racy_skip_of_a_finished_row, seed_and_skip
 from ti_guard import catalog, cli
 from ti_guard.airflow_shape import task_instance_table
 from ti_guard.db import make_engine
@@ -100,18 +102,25 @@ def test_alembic_current_history_heads_check_and_stamp(db):
 
 
 def test_mode_switch_replaces_in_place_and_status_tells(db, capsys):
-    db.table()
+    table = db.table()
     db.install("raise")
     raise_objects = set(objects(db))
+    error, state = racy_skip_of_a_finished_row(db.engine, table)
+    assert error is not None and "ti_guard: refused" in error and state == "success"  # raise: refused with an error
     db.install("ignore")
     # What the modes render differently (racy_skip's action) is replaced; what they share stays.
     ignore_only = set(objects(db)) - raise_objects
-    assert ignore_only and any("racy_skip" in name or "guard" in name for name in ignore_only)
+    assert ignore_only and all(name in objects(db) for name in raise_objects & set(objects(db)))
+    assert racy_skip_of_a_finished_row(db.engine, table) == (None, "success")  # ignore: kept, no error
     capsys.readouterr()
     assert db.cli("status") == 0
     assert "mode=ignore" in capsys.readouterr().out
     assert db.cli("install") == 0  # without --mode: keeps what is installed
     assert db.cli("status") == 0 and "mode=ignore" in capsys.readouterr().out
+    assert racy_skip_of_a_finished_row(db.engine, table) == (None, "success")
+    db.install("raise")  # and back
+    error, state = racy_skip_of_a_finished_row(db.engine, table)
+    assert error is not None and "ti_guard: refused" in error and state == "success"
 
 
 def test_status_catches_a_dropped_or_disabled_trigger(db, capsys):
@@ -127,11 +136,15 @@ def test_status_catches_a_dropped_or_disabled_trigger(db, capsys):
     capsys.readouterr()
     assert db.cli("status") == 2
     assert "missing" in capsys.readouterr().out
+    assert seed_and_skip(db.engine, table) == "skipped"  # the status was right: no guard for that write
     assert db.cli("install") == 0 and db.cli("status") == 0
+    assert seed_and_skip(db.engine, table) == "success"
     if db.backend == "postgresql":
         db.sql(f"ALTER TABLE {table.name} DISABLE TRIGGER {trigger.name}")
         assert db.cli("status") == 2
+        assert seed_and_skip(db.engine, table) == "skipped"
         assert db.cli("install") == 0 and db.cli("status") == 0
+        assert seed_and_skip(db.engine, table) == "success"
 
 
 def test_status_reports_outdated_definition(db, capsys):
@@ -173,16 +186,21 @@ def test_guard_from_another_release_is_outdated_not_missing(db, capsys, monkeypa
 
 
 def test_mysql_guard_survives_an_airflow_migration_that_adds_columns(mysql_db, capsys):
-    """A kept row gets back only its rules' columns, so a new Airflow column leaves the trigger current."""
-    mysql_db.table()
+    """A kept row gets back only its rules' columns, so a new Airflow column leaves the trigger
+    current, and the guard keeps guarding while Airflow's writes (which may set the new column) go
+    through. (A column the guard names going away: tests/test_dropped_column.py.)"""
+    table = mysql_db.table()
     mysql_db.install("ignore")
     mysql_db.sql("ALTER TABLE task_instance ADD COLUMN new_in_next_airflow INT")
     capsys.readouterr()
     assert mysql_db.cli("status") == 0
-    # A column a rule restores going away does change the expected trigger: outdated, still guarding.
-    mysql_db.sql("ALTER TABLE task_instance DROP COLUMN scheduled_dttm")
-    assert mysql_db.cli("status") == 1 and "still guards" in capsys.readouterr().out
-    assert mysql_db.cli("install") == 0 and mysql_db.cli("status") == 0
+    table = sa.Table("task_instance", sa.MetaData(), autoload_with=mysql_db.engine)
+    assert seed_and_skip(mysql_db.engine, table) == "success"  # the racy skip of a finished row: kept
+    ordinary_writes_go_through(mysql_db.engine, table)
+    with mysql_db.engine.begin() as conn:  # a write of the new column
+        assert conn.execute(sa.update(table).values(new_in_next_airflow=1)).rowcount == 1
+    with mysql_db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state, table.c.new_in_next_airflow)).one() == ("success", 1)
 
 
 def test_postgresql_non_default_schema(pg_db):
@@ -250,15 +268,36 @@ def test_sql_files_through_real_clients_match_the_alembic_route(db):
     assert objects(db) == {} and tables(db) == set()
 
 
-def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
-    """SQLite answers SQLITE_BUSY at once (no busy wait) when a reader wants to become a writer
-    while another connection writes; install must retry that like a lock timeout, not fail."""
+def _sqlite_with_a_running_row(tmp_path):
     url = f"sqlite:///{tmp_path / 'airflow.db'}"
     engine = make_engine(url)
     table = task_instance_table(sa.MetaData())
     table.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert().values(id="00000000-0000-0000-0000-000000000001", dag_id="d", task_id="t", run_id="r", state="running", try_number=1))
+    return url, engine, table
+
+
+@contextlib.contextmanager
+def _errors_met_by(thread: threading.Thread):
+    """The database errors that statements sent from `thread` met (whatever caught them)."""
+    met = []
+
+    def seen(context):
+        if threading.current_thread() is thread:
+            met.append(str(context.original_exception))
+
+    sa.event.listen(sa.engine.Engine, "handle_error", seen)
+    try:
+        yield met
+    finally:
+        sa.event.remove(sa.engine.Engine, "handle_error", seen)
+
+
+def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
+    """A heartbeat writer keeps committing: every install (and the mode switches) succeeds, the
+    writer keeps committing during them, and the guard they leave keeps a running row."""
+    url, engine, table = _sqlite_with_a_running_row(tmp_path)
     stop, commits = threading.Event(), []
 
     def heartbeats():
@@ -282,6 +321,39 @@ def test_sqlite_install_while_another_connection_keeps_committing(tmp_path):
     finally:
         stop.set()
         writer.join()
-    engine.dispose()
     assert before >= 5 and during > 0, (before, during)
     assert results == [0, 0, 0]
+    assert cli.main(["status", "--url", url]) == 0
+    with pytest.raises(sa.exc.IntegrityError, match="ti_guard"):
+        with engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state)).scalar() == "running"
+    engine.dispose()
+
+
+def test_sqlite_install_retries_while_another_connection_holds_the_write_lock(tmp_path):
+    """SQLite answers SQLITE_BUSY ("database is locked") once its busy wait runs out
+    runs out while another connection holds the write lock: install must meet that, retry it like a
+    lock timeout, and finish once the lock is free, not fail."""
+    url, engine, table = _sqlite_with_a_running_row(tmp_path)
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(sa.update(table).values(hostname="holder"))  # the write lock, held ...
+    result = {}
+    install = threading.Thread(target=lambda: result.setdefault("rc", cli.main(["install", "--url", url, "--lock-timeout=0.2", "--lock-retries=20"])))
+    try:
+        with _errors_met_by(install) as met:
+            install.start()
+            deadline = time.monotonic() + 60
+            while not any("database is locked" in e for e in met) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            holder.rollback()  # ... until install met SQLITE_BUSY
+            install.join(60)
+    finally:
+        holder.close()
+    rc = result.get("rc")
+    assert any("database is locked" in e for e in met), f"install never met SQLITE_BUSY: this test proved nothing ({met})"
+    assert rc == 0
+    assert cli.main(["status", "--url", url]) == 0
+    engine.dispose()

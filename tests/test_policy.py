@@ -224,6 +224,8 @@ def test_airflow_2_backfill_rerun_of_failed_tasks_goes_through(db):
         conn.execute(table.insert().values(**{**KEY, "task_id": "busy"}, state="running", start_date=T0, try_number=1))
     busy = aw.key_of(table, **{**KEY, "task_id": "busy"})
     assert _apply(db, table, lambda t: aw.schedule_tis(t, busy)) == 1  # without the guard: overwritten
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.state, table.c.try_number).where(busy)).one() == ("scheduled", 2)
     with db.engine.begin() as conn:
         conn.execute(sa.update(table).where(busy).values(state="running", try_number=1))
     db.install()

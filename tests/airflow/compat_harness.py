@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import airflow_venv
 from conftest import dialect_of
 from ti_guard import airflow_writes, catalog
-from ti_guard.db import make_engine, scratch_database
+from ti_guard.db import make_engine, run_sql, scratch_database
 from ti_guard.policy import Policy
 from ti_guard.render.mysql import BYPASS_VARIABLE
 
@@ -41,9 +41,8 @@ DAGS = (
     "tg_retry",
 )
 VARIANTS = ("none", "raise", "ignore")
-# TaskInstance.set_state on a finished TI: refused (raise), silently kept (ignore), or under the bypass.
+# TaskInstance.set_state on a finished TI: an operator's deliberate mark, which goes through.
 MARK_PLAIN = {"dag_id": "tg_branch", "task_id": "taken", "state": "skipped"}
-MARK_BYPASSED = {"dag_id": "tg_trigger_rule_after_skip", "task_id": "left", "state": "skipped"}
 # The racy route: a running task (a worker started it), a task not yet scheduled, a finished one.
 ROUTE = {"dag_id": "tg_short_circuit", "caller": "gate", "prepare": {"after_gate": "running", "further": None},
          "tasks": ["after_gate", "further", "gate"]}
@@ -103,6 +102,21 @@ class Database:
         engine = make_engine(self.url)
         try:
             return [c["name"] for c in sa.inspect(engine).get_columns("task_instance")]
+        finally:
+            engine.dispose()
+
+    def table_identity(self):
+        """What changes when task_instance is dropped and created again (SQLite's batch migrations),
+        and not when it is altered: SQLite's catalog row and root page, PostgreSQL's oid. None on MySQL, where
+        Airflow's migrations alter tables in place (ALTER TABLE keeps triggers)."""
+        if self.dialect == "mysql":
+            return None
+        engine = make_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                query = ("SELECT rowid, rootpage FROM sqlite_master WHERE type = 'table' AND name = 'task_instance'" if self.dialect == "sqlite"
+                         else "SELECT 'task_instance'::regclass::oid, 0")
+                return tuple(conn.exec_driver_sql(query).one())
         finally:
             engine.dispose()
 
@@ -229,8 +243,10 @@ def db_message(exc: sa.exc.DBAPIError) -> str:
     return str(args[1] if len(args) == 2 and isinstance(args[0], int) else exc.orig).strip().splitlines()[0]
 
 
-def replay_racy_update(db: Database, run_id: str) -> dict:
-    """The pre-fix skip writer's exact UPDATE (ti_guard.airflow_writes.racy_skip) on Airflow's own rows."""
+def replay_racy_update(db: Database, run_id: str, bypass: dict | None = None) -> dict:
+    """The pre-fix skip writer's exact UPDATE (ti_guard.airflow_writes.racy_skip) on Airflow's own rows
+    (one running, one not yet scheduled, one finished), inside `bypass`'s statements when given."""
+    bypass = bypass or {"before": [], "after": []}
     engine = make_engine(db.url)
     table = sa.Table("task_instance", sa.MetaData(), autoload_with=engine)
     keys = {"running": REPLAY_RUNNING, "unscheduled": REPLAY_UNSCHEDULED, "finished": REPLAY_FINISHED}
@@ -244,10 +260,15 @@ def replay_racy_update(db: Database, run_id: str) -> dict:
         with engine.begin() as conn:
             conn.execute(airflow_writes.worker_start(table, key["running"]))
             conn.execute(sa.update(table).where(key["unscheduled"]).values(state=None, start_date=None, end_date=None))
+            conn.execute(sa.update(table).where(key["finished"], table.c.state != "success").values(state="success"))
         before = states()
         try:
             with engine.begin() as conn:
+                for sql in bypass["before"]:
+                    run_sql(conn, sql)
                 conn.execute(airflow_writes.racy_skip(table, REPLAY_DAG, run_id, [(REPLAY_TASK, i) for i in keys.values()]))
+                for sql in bypass["after"]:
+                    run_sql(conn, sql)
             error = None
         except sa.exc.DBAPIError as exc:
             error = db_message(exc)
@@ -277,9 +298,10 @@ def run_combo(version: str, backend: str, admin_urls: dict, workdir: Path) -> di
             out["dags"] = airflow.ask("dags", dags=list(DAGS))
             lap(f"{variant}: install + DAGs")
             out["mark_plain"] = airflow.ask("set_state", **MARK_PLAIN)
-            out["mark_bypassed"] = airflow.ask("set_state", **MARK_BYPASSED, **bypass_statements(db, variant))
             out["route_skip"] = airflow.ask("route_skip", **ROUTE)
             out["replay"] = replay_racy_update(db, out["dags"][REPLAY_DAG]["run_id"])
+            # The same UPDATE, which the guard refuses (raise) or keeps (ignore), under the bypass.
+            out["replay_bypassed"] = replay_racy_update(db, out["dags"][REPLAY_DAG]["run_id"], bypass_statements(db, variant))
             lap(f"{variant}: writers")
         airflow.stop()
         result["upgrade"] = upgrade_with_guard(version, db, airflow, tag)
@@ -316,15 +338,54 @@ def upgrade_with_guard(version, db: Database, airflow: Airflow, tag) -> dict:
     columns_before = db.task_instance_columns()
     out["install"] = install_guard(db, "ignore", fresh=True)
     out["status_before"] = guard_status(db)
+    identity_before = db.table_identity()
     out["rc"] = airflow.cli("db", "migrate")
     out["head_after"] = db.airflow_revision()
     out["columns_changed"] = db.task_instance_columns() != columns_before
+    out["recreated"] = identity_before is not None and db.table_identity() != identity_before
     out["triggers_left"] = db.guard_triggers()
     out["status_after"] = guard_status(db)
+    out["writes_after_migrate"] = writes_on_a_finished_row(db)
     # The remedy `status` names: install again, then it must say current.
     out["reinstall"] = project_tool("ti-guard", "install", "--url", db.url)[0]
     out["status_repaired"] = guard_status(db)
+    out["writes_after_repair"] = writes_on_a_finished_row(db)
     return out
+
+
+def writes_on_a_finished_row(db: Database) -> dict:
+    """On one finished task instance of Airflow's own table, each write in its own transaction, the
+    row put back after each: the pre-fix racy skip, the pre-3.3 stale schedule_tis (both kept by the
+    ignore-mode guard), and an operator's mark of it to the other final state (goes through).
+    {write: {"error": message or None, "after": state}} and the row's "state"."""
+    engine = make_engine(db.url)
+    table = sa.Table("task_instance", sa.MetaData(), autoload_with=engine)
+    c = table.c
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(c.dag_id, c.task_id, c.run_id, c.map_index, c.state, c.try_number)
+                               .where(c.state.in_(["success", "failed"])).limit(1)).first()
+        if row is None:
+            return {"error": "no finished task instance to write to"}
+        key = airflow_writes.key_of(table, row.dag_id, row.task_id, row.run_id, row.map_index)
+        other = "failed" if row.state == "success" else "success"
+        writes = {"racy skip": airflow_writes.racy_skip(table, row.dag_id, row.run_id, [(row.task_id, row.map_index)]),
+                  "stale schedule_tis": airflow_writes.schedule_tis(table, key),
+                  "operator mark": airflow_writes.set_state(table, key, other)}
+        out = {"state": row.state, "other": other}
+        for name, statement in writes.items():
+            try:
+                with engine.begin() as conn:
+                    conn.execute(statement)
+                error = None
+            except sa.exc.DBAPIError as exc:
+                error = db_message(exc)
+            with engine.begin() as conn:
+                out[name] = {"error": error, "after": conn.execute(sa.select(c.state).where(key)).scalar()}
+                conn.execute(sa.update(table).where(key).values(state=row.state, try_number=row.try_number))
+        return out
+    finally:
+        engine.dispose()
 
 
 def route_is_racy(venv: Path) -> bool:

@@ -30,8 +30,8 @@ SCENARIO_NAMES = {
     "tg_fail": "task fails, downstream upstream_failed",
     "tg_retry": "task fails once, retries, succeeds",
     "set_state": "`TaskInstance.set_state(skipped)` on a success TI",
-    "set_state under bypass": "the same under the README's bypass",
     "pre-fix UPDATE": "pre-fix skip UPDATE over running / unscheduled / success rows",
+    "pre-fix UPDATE under bypass": "the same under the README's bypass",
     "skip route": "Airflow's own skip writer on a running TI (3.x `ti_skip_downstream`; 2.x `SkipMixin.skip`)",
     "guard install": "guard install leaves Airflow's `alembic_version`",
     "upgrade": "Airflow upgrade (`airflow db migrate` from the previous minor) with the guard (ignore mode) in place",
@@ -51,8 +51,8 @@ def cell(checks, combo) -> str:
             verdict += " (route racy)" if combo["route_racy"] else " (route has the upstream fix)"
     if scenario == "upgrade":
         seen, up = by_variant["ignore"], combo["upgrade"]
-        kept = "dropped by the migration" if seen["dropped"] else "kept"
-        flagged = "" if seen["status_after_ok"] else f", `status` exit {up['status_after']['rc']}"
+        kept = "dropped by the migration" if seen["triggers_dropped"] else "kept"
+        flagged = "" if seen["status_after"] == 0 else f", `status` exit {up['status_after']['rc']}"
         failed = f" (Airflow's own migration failed, exit {up['rc']}, guard or not: see notes)" if up["rc"] else ""
         verdict += f": from {up['from']}{failed}, triggers {kept}{flagged}; `ti-guard install` -> exit {seen['status_repaired']}"
     return verdict

@@ -125,7 +125,16 @@ def test_operator_marks_finished_task_skipped(combo):
     runs = combo["variants"]
     for variant in harness.VARIANTS:
         check(combo, "set_state", variant, _mark(runs[variant]["mark_plain"]), {"refused_by_guard": False, "after": "skipped"})
-        check(combo, "set_state under bypass", variant, _mark(runs[variant]["mark_bypassed"]), {"refused_by_guard": False, "after": "skipped"})
+
+
+@combo_params
+def test_racy_update_under_the_bypass_goes_through(combo):
+    """Step 6: the README's bypass, in the writer's own transaction, lets through the very UPDATE the
+    guard refuses (raise) or keeps (ignore) without it (test_racy_update_replayed: the control)."""
+    runs = combo["variants"]
+    for variant in harness.VARIANTS:
+        check(combo, "pre-fix UPDATE under bypass", variant, _write(runs[variant]["replay_bypassed"]),
+              {"refused": False, "after": {"running": "skipped", "unscheduled": "skipped", "finished": "skipped"}})
 
 
 def _mark(step):
@@ -176,23 +185,36 @@ def test_guard_install_leaves_airflow_alone(combo):
 def test_airflow_upgrade_with_guard(combo, backend):
     """Step 7: an Airflow upgrade (`airflow db migrate` from the previous minor) with the guard installed.
 
-    Measured, not assumed: whether the triggers are still on task_instance afterwards is read from
-    the catalog, and `ti-guard status` must agree with it. PostgreSQL keeps them. SQLite loses them
-    when a migration batch-re-creates task_instance (status 2, naming the reason). MySQL keeps them,
-    and its trigger names only the columns its rules restore, so a migration that adds columns
-    leaves it current. `ti-guard install` then repairs every case.
+    Measured, not assumed: whether the migration re-created task_instance is read from the table's
+    identity (SQLite's root page, PostgreSQL's oid; MySQL alters in place); the triggers must be gone
+    exactly when it was (SQLite's batch migrations), counted from the catalog, and `ti-guard status`
+    must agree (2, naming the batch migrations) or say current. The guard is then exercised on
+    Airflow's own rows: right after the migration, Airflow's writes go through and, where the triggers
+    were kept, the racy skip and the stale schedule_tis are kept; after `ti-guard install`, everywhere.
     """
     up = combo["upgrade"]
     airflow_fails = (combo["version"], backend) in AIRFLOW_UPGRADE_FAILS
-    dropped = up["triggers_left"] == 0
-    stale = False  # a kept row restores only its rules' columns: new Airflow columns leave the guard current
+    recreated = up["recreated"]
     output = up["status_after"]["output"]
     observed = {"steps": [up["uninstall"], up["downgrade_rc"], up["rc"], up["reinstall"]], "install_errors": up["install"]["errors"],
                 "install_moved_airflow": up["install"]["airflow_revision_before"] != up["install"]["airflow_revision_after"],
-                "status_before": up["status_before"]["rc"], "revision": up["head_after"], "status_after_ok": up["status_after"]["rc"] == 0,
+                "status_before": up["status_before"]["rc"], "at_airflow_head": up["head_after"] == combo["head"],
+                "triggers_dropped": up["triggers_left"] == 0, "status_after": up["status_after"]["rc"],
                 "says_batch": "batch migrations" in output, "says_columns": "columns changed" in output,
-                "status_repaired": up["status_repaired"]["rc"], "dropped": dropped}
+                "status_repaired": up["status_repaired"]["rc"],
+                "writes_after_migrate": _upgrade_writes(up["writes_after_migrate"]), "writes_after_repair": _upgrade_writes(up["writes_after_repair"])}
+    guarded = {"racy skip": (None, "kept"), "stale schedule_tis": (None, "kept"), "operator mark": (None, "other")}
     expected = {"steps": [0, 0, 1 if airflow_fails else 0, 0], "install_errors": [], "install_moved_airflow": False, "status_before": 0,
-                "revision": up["head_after"] if airflow_fails else combo["head"], "status_after_ok": not (dropped or stale), "says_batch": backend == "sqlite" and dropped,
-                "says_columns": stale, "status_repaired": 0, "dropped": dropped if backend == "sqlite" else False}
+                "at_airflow_head": not airflow_fails, "triggers_dropped": recreated, "status_after": 2 if recreated else 0,
+                "says_batch": recreated, "says_columns": False, "status_repaired": 0,
+                "writes_after_migrate": {**guarded, "racy skip": (None, "skipped"), "stale schedule_tis": (None, "scheduled")} if recreated else guarded,
+                "writes_after_repair": guarded}
     check(combo, "upgrade", "ignore", observed, expected)
+
+
+def _upgrade_writes(out):
+    """write -> (error, what became of the row: kept, other (the mark's state), or the state it was left in)."""
+    if "error" in out:
+        return out["error"]
+    name = lambda step: "kept" if step["after"] == out["state"] else "other" if step["after"] == out["other"] else step["after"]  # noqa: E731
+    return {write: (out[write]["error"], name(out[write])) for write in ("racy skip", "stale schedule_tis", "operator mark")}

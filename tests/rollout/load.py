@@ -124,6 +124,10 @@ class Load(Threads):
     def count(self, since: float = 0.0, until: float = float("inf")) -> int:
         return sum(1 for label in self.waits for started, _ in self.waits[label] if since <= started <= until)
 
+    def finished_within(self, since: float, until: float) -> int:
+        """Writes that started and finished between the two perf_counter marks."""
+        return sum(1 for label in self.waits for started, s in self.waits[label] if since <= started and started + s <= until)
+
     def assert_nothing_lost(self) -> None:
         """Every writer's last write is what the table holds."""
         assert not self.problems, self.problems[:5]
@@ -137,3 +141,63 @@ class Load(Threads):
                 assert state == "running" and heartbeat == (wrote if heartbeat.tzinfo else wrote.replace(tzinfo=None)), (run_id, task)
             elif run_id in self.bulk_runs:
                 assert state == self.last_bulk[run_id], (run_id, task, state)
+
+
+def long_transactions(db, table: sa.Table, lock_timeout: float, stop: threading.Event, holding: threading.Event) -> None:
+    """Scheduler-like transactions that keep a row of task_instance (and so the table) locked:
+    the first for longer than an install's lock timeout, the next ones for less."""
+    hold = 2.5 * lock_timeout
+    with db.engine.connect() as conn:
+        while not stop.is_set():
+            with conn.begin():
+                conn.execute(aw.heartbeat(table, aw.key_of(table, DAG, "t0", "long")))
+                holding.set()
+                stop.wait(hold)
+            hold = 0.8 * lock_timeout
+            stop.wait(0.2)
+
+
+def racy_skip_went_through(db, table: sa.Table, run_id: str) -> bool:
+    """The pre-fix skip UPDATE of a running TI of `run_id`; True when it overwrote the row."""
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, DAG, run_id, [("t0", -1)]))
+    except sa.exc.DBAPIError as exc:
+        assert "ti_guard: refused" in str(exc.orig)
+        return False
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(table.c.state).where(table.c.run_id == run_id, table.c.task_id == "t0")).scalar() == "skipped"
+
+
+def install_under_load(db, table: sa.Table, lock_timeout: float, retries: int = 15, before: float = 1.5) -> dict:
+    """`ti-guard install` on a table that heartbeat and bulk writers keep writing (Load), while
+    long scheduler-like transactions make its first attempt meet a lock held past its timeout.
+    Returns what happened (exit code, DDL attempts given up, the racy skip before and after, the
+    Load with every write's wait, and the perf_counter marks: baseline end, install start and end).
+    Used by tests/rollout/test_install_under_load.py (what happened) and
+    benchmarks/bench_install_under_load.py (how long the writers waited)."""
+    from .guard_state import ddl_given_up, statements_sent
+
+    seed(db, table, ["probe_before", "probe_after", "long"], "running")
+    stop, holding = threading.Event(), threading.Event()
+    with Load(db, table) as load:
+        time.sleep(before)
+        baseline_end = time.perf_counter()
+        overwritten_before = racy_skip_went_through(db, table, "probe_before")
+        long = threading.Thread(target=long_transactions, args=(db, table, lock_timeout, stop, holding))
+        long.start()
+        try:
+            # So that the install's first attempt meets a lock held longer than its timeout.
+            assert holding.wait(10), "the long transaction never started"
+            started = time.perf_counter()
+            with statements_sent() as sent:
+                rc = db.cli("install", f"--lock-timeout={lock_timeout}", f"--lock-retries={retries}")
+            finished = time.perf_counter()
+        finally:
+            stop.set()
+            long.join()
+        refused_after = not racy_skip_went_through(db, table, "probe_after")
+        time.sleep(0.5)
+    return {"rc": rc, "gave_up": ddl_given_up(sent), "overwritten_before": overwritten_before, "refused_after": refused_after,
+            "load": load, "baseline_end": baseline_end, "started": started, "finished": finished}
+

@@ -7,7 +7,9 @@ and every COMMIT of a transaction that wrote, each taken just before it: a state
 only reads leaves the database as it was, so stopping before it or after it leaves the same
 database, and these points reach every state an install passes through. After each kill the
 test records what the database holds and checks that a guard that was whole before still
-is; then it reruns the install and checks that it converges.
+is; then it reruns the install and checks that it converges. After each kill, and after each
+install that converged, it also writes: Airflow's own writes must go through whatever the kill
+left, and a racy skip of a finished row must be kept or refused wherever a whole guard is there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import pytest
 import sqlalchemy as sa
 
+from conftest import ordinary_writes_go_through, seed_and_skip
 from ti_guard import cli
 from ti_guard.policy import Policy
 
@@ -66,8 +69,14 @@ def _state(db):
     return frozenset(installed(db)), frozenset(ours(db))
 
 
-def _kill_at_every_step(db, mode: str, before, policies_before, policy_after) -> list:
-    """The states the kills left, in order; asserts convergence after each."""
+def _guards(db, table) -> None:
+    """A whole guard is in place: the racy skip of a finished row is kept or refused, and Airflow's own writes go through."""
+    assert seed_and_skip(db.engine, table) == "success"
+    ordinary_writes_go_through(db.engine, table)
+
+
+def _kill_at_every_step(db, table, mode: str, before, policies_before, policy_after) -> list:
+    """The states the kills left, in order; asserts convergence after each, and writes."""
     n, left = 0, []
     while True:
         n += 1
@@ -76,37 +85,42 @@ def _kill_at_every_step(db, mode: str, before, policies_before, policy_after) ->
         rc, steps = install_killed_at(db.url, mode, n)
         if rc == 0:
             assert_converged(db, policy_after)  # the install that was not killed
+            _guards(db, table)
             print(f"\n{db.server}: {n - 1} kill points: {steps}")
             return [start, *left]
         assert rc == KILLED, (n, rc, steps)
         left.append(_state(db))
-        # Whatever guard was whole before is still whole, or the new one already is.
-        if policies_before:
+        # Airflow's own writes go through whatever the kill left (a half-made guard included).
+        ordinary_writes_go_through(db.engine, table)
+        # Whatever guard was whole before is still whole, or the new one already is, and it guards.
+        if policies_before or complete(db, [policy_after]):
             assert complete(db, [*policies_before, policy_after]), (n, steps, installed(db))
+            assert seed_and_skip(db.engine, table) == "success", (n, steps, installed(db))
         assert db.cli("install", f"--mode={mode}") == 0, (n, steps)
         assert_converged(db, policy_after)
+        _guards(db, table)
         assert n < 100, "the install never finished"
 
 
 def test_install_killed_at_every_step_converges(db, capsys):
-    db.table()
+    table = db.table()
 
     def nothing():
         assert db.cli("uninstall") == 0
         assert_nothing(db)
 
-    start, *left = _kill_at_every_step(db, "raise", nothing, [], RAISE)
+    start, *left = _kill_at_every_step(db, table, "raise", nothing, [], RAISE)
     _half_made_only_on_mysql(db, start, left)
 
 
 def test_replace_killed_at_every_step_keeps_a_guard_and_converges(db, capsys):
-    db.table()
+    table = db.table()
 
     def raise_mode():
         assert db.cli("install", "--mode=raise") == 0
         assert_converged(db, RAISE)
 
-    start, *left = _kill_at_every_step(db, "ignore", raise_mode, [RAISE], IGNORE)
+    start, *left = _kill_at_every_step(db, table, "ignore", raise_mode, [RAISE], IGNORE)
     _half_made_only_on_mysql(db, start, left)
     if db.backend == "mysql":
         # The kills did land in the switch: once with both guards side by side, once with only the new one.

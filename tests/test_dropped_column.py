@@ -1,0 +1,166 @@
+"""A column the guard names, dropped by an Airflow migration: no write fails because of the guard,
+`status` says the guard is broken (critical, naming the column), and `install` repairs it.
+
+EXPECTED TO FAIL until the src fix for issue 24 lands (the guard surviving a dropped column it
+names). What it found on 0.4.0 (issue 24 and this file's first runs):
+- MariaDB / MySQL 9.7: after dropping scheduled_dttm (or updated_at, try_number) the trigger that
+  restores it fails every write of `scheduled` over a protected row (`Unknown column ... in 'NEW'`,
+  error 1054: in the scheduler loop, a crash) while `status` says the guard "still guards" (exit 1).
+- PostgreSQL: the DROP itself fails ("cannot drop column try_number ... because other objects depend
+  on it"): a trigger's `UPDATE OF` list names the column, so an Airflow migration dropping it fails
+  because of the guard.
+- SQLite: the DROP goes through and `status` says current, while the trigger's `UPDATE OF` names a
+  column that is gone.
+
+For each backend and each column the installed guard names (read from the server's own trigger and
+function text) that is not one of the seven the guard reads and Airflow keys rows by (state,
+start_date, end_date, dag_id, task_id, run_id, map_index), plus the columns the rules' writers write
+(try_number, scheduled_dttm, duration, updated_at, next_method), on a fresh table: install (ignore),
+drop the column, then every rule's write (racy skip, set_state skip, stale schedule) and Airflow's
+ordinary writes (worker start, heartbeat, a task's own finish and skip, the run timeout), none of
+which may fail. A column the guard names: `status` exits 2 saying the guard is broken and naming
+the column; `install` repairs it (status 0, the writes still go through, a racy skip is kept).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import sqlalchemy as sa
+
+from ti_guard import airflow_writes as aw
+
+# Read by the guard (and Airflow's key): a migration that drops one of these is not a case the
+# guard can survive; every other column may go.
+CORE = {"state", "start_date", "end_date", "dag_id", "task_id", "run_id", "map_index"}
+# What the rules' writers write, whether the guard names it today or not.
+WRITER_COLUMNS = ("try_number", "scheduled_dttm", "duration", "updated_at", "next_method")
+ROWS = {"done": "success", "busy": "running", "busy2": "running", "waiting": "queued"}
+
+
+def _guard_text(db) -> str:
+    """The guard's trigger (and PostgreSQL function) source, as the server holds it."""
+    with db.engine.connect() as conn:
+        if db.backend == "postgresql":
+            triggers = conn.exec_driver_sql(
+                "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'task_instance'::regclass AND tgname LIKE 'ti_guard%%'").scalars()
+            functions = conn.exec_driver_sql("SELECT prosrc FROM pg_proc WHERE proname LIKE 'ti_guard%%'").scalars()
+            return "\n".join([*triggers, *functions])
+        if db.backend == "mysql":
+            return "\n".join(conn.exec_driver_sql(
+                "SELECT ACTION_STATEMENT FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = DATABASE() AND TRIGGER_NAME LIKE 'ti_guard%%'").scalars())
+        return "\n".join(conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'ti_guard%'").scalars())
+
+
+def named_columns(db, columns) -> set[str]:
+    """The table's columns the guard's SQL names: NEW.c / OLD.c, or in an `UPDATE OF` list."""
+    text = _guard_text(db)
+    of_lists = " ".join(re.findall(r"UPDATE OF (.+?) ON ", text, re.I))
+    return {c for c in columns
+            if re.search(rf"\b(?:NEW|OLD)\.[`\"]?{c}\b", text, re.I) or re.search(rf"(?<![\w.]){c}\b", of_lists)}
+
+
+def _columns(db) -> list[str]:
+    with db.engine.connect() as conn:
+        return [c["name"] for c in sa.inspect(conn).get_columns("task_instance")]
+
+
+def _reflect(db) -> sa.Table:
+    return sa.Table("task_instance", sa.MetaData(), autoload_with=db.engine)
+
+
+def _seed(db, table) -> None:
+    started, ended = aw.now(), aw.now()
+    with db.engine.begin() as conn:
+        conn.execute(table.delete())
+        for task, state in ROWS.items():
+            row = dict(id=uuid.uuid4().hex, dag_id="d", task_id=task, run_id="r", map_index=-1, state=state, try_number=1,
+                       start_date=started if state != "queued" else None, end_date=ended if state == "success" else None)
+            conn.execute(table.insert().values(**{k: v for k, v in row.items() if k in table.c}))
+
+
+def _every_write(table):
+    """(name, statement) of every rule's write and Airflow's ordinary writes, on the seeded rows."""
+    key = lambda task: aw.key_of(table, "d", task, "r")  # noqa: E731
+    return [
+        ("racy skip (racy_skip)", aw.racy_skip(table, "d", "r", [(t, -1) for t in ROWS])),
+        ("set_state skip of a running TI (set_state_skip)", aw.set_state(table, key("busy"), "skipped")),
+        ("stale schedule_tis (stale_schedule)", aw.schedule_tis(table, table.c.task_id.in_(["done", "busy"]))),
+        ("worker start", aw.worker_start(table, key("waiting"))),
+        ("heartbeat", aw.heartbeat(table, key("busy2"))),
+        ("a task's own finish", aw.finish(table, key("busy2"), "success")),
+        ("a task skipping itself", aw.finish(table, key("waiting"), "skipped")),
+        ("run timeout", aw.run_timeout(table, key("busy"))),
+    ]
+
+
+def _failures(db, table) -> list[str]:
+    """Every write on freshly seeded rows, each in its own transaction: the ones that failed."""
+    _seed(db, table)
+    failed = []
+    for name, statement in _every_write(table):
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(statement)
+        except sa.exc.DBAPIError as exc:
+            failed.append(f"{name}: {str(exc.orig).splitlines()[0]}")
+    return failed
+
+
+def _state(db, table, task) -> str:
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(table.c.state).where(table.c.task_id == task)).scalar()
+
+
+def test_a_dropped_column_the_guard_names_fails_no_write_and_status_says_broken(db, capsys):
+    # Expected to fail until the src fix for issue 24 lands (see the module docstring).
+    db.table()
+    db.install("ignore")
+    named = named_columns(db, _columns(db))
+    candidates = sorted((named | set(WRITER_COLUMNS)) - CORE)
+    _fresh(db)
+    problems = []
+    for column in candidates:
+        db.table()  # a whole table and a fresh guard for each column
+        db.install("ignore")
+        names_it = column in named_columns(db, _columns(db))
+        try:
+            with db.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE task_instance DROP COLUMN {column}")
+        except sa.exc.DBAPIError as exc:
+            problems.append(f"{column}: Airflow's migration dropping it fails because of the guard: {str(exc.orig).splitlines()[0]}")
+            _fresh(db)
+            continue
+        table = _reflect(db)
+        problems += [f"{column} dropped, {failure}" for failure in _failures(db, table)]
+        capsys.readouterr()
+        rc = db.cli("status")
+        out = capsys.readouterr().out
+        if names_it and not (rc == 2 and "broken" in out.lower() and column in out):
+            problems.append(f"{column} dropped: status exited {rc} without saying the guard is broken and naming the column: {out.strip()}")
+        capsys.readouterr()
+        if db.cli("install") != 0:
+            problems.append(f"{column} dropped: install cannot repair the guard: {capsys.readouterr().err.strip()}")
+            _fresh(db)
+            continue
+        capsys.readouterr()
+        if db.cli("status") != 0:
+            problems.append(f"{column} dropped: status after install: {capsys.readouterr().out.strip()}")
+        problems += [f"{column} dropped, after install: {failure}" for failure in _failures(db, table)]
+        # The repaired guard keeps the racy skip of a finished and a running row.
+        _seed(db, table)
+        with db.engine.begin() as conn:
+            conn.execute(aw.racy_skip(table, "d", "r", [(t, -1) for t in ROWS]))
+        if (_state(db, table, "done"), _state(db, table, "busy")) != ("success", "running"):
+            problems.append(f"{column} dropped, after install: the racy skip overwrote a protected row")
+        _fresh(db)
+    print(f"\n{db.server}: the guard names {sorted(named - CORE)}; dropped in turn: {candidates}")
+    assert candidates and not problems, "\n".join(problems)
+
+
+def _fresh(db) -> None:
+    """Back to a whole Airflow table with no guard, for the next column."""
+    assert db.cli("uninstall") == 0
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE task_instance")
