@@ -95,7 +95,7 @@ def run(backend: str, rows: int, rounds: int) -> dict:
                 _set(db.url, "none")
     finally:
         db.close()
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: statistics.median(t) for v, t in times.items()}, {v: max(t) / min(t) for v, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -104,14 +104,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default="postgresql,mysql,sqlite")
     args = parser.parse_args(argv)
-    print(f"| backend | {' | '.join(VARIANTS)} | ignore / none | record's share (ignore / ignore unrecorded) | ignore / ignore 0.4.0 |")
-    print("|---|" + "---|" * (len(VARIANTS) + 3))
+    print(f"| backend | {' | '.join(VARIANTS)} | ignore / none | record's share (ignore / ignore unrecorded) | ignore / ignore 0.4.0 | spread of ignore 0.4.0 (slowest / fastest round) |")
+    print("|---|" + "---|" * (len(VARIANTS) + 4))
     for backend in args.backends.split(","):
-        med = run(backend, args.rows, args.rounds)
+        med, spread = run(backend, args.rows, args.rounds)
         cells = [f"{med[v]:.2f} s ({med[v] / args.rows * 1e6:.0f} µs/row)" if v in med else "-" for v in VARIANTS]
         share = f"{med['ignore'] / med['ignore unrecorded']:.2f}x" if "ignore unrecorded" in med else "-"
-        versus = f"{med['ignore'] / med['ignore 0.4.0']:.2f}x" if "ignore 0.4.0" in med else "-"
-        print(f"| {backend} | {' | '.join(cells)} | {med['ignore'] / med['none']:.1f}x | {share} | {versus} |", flush=True)
+        versus, noise = (f"{med['ignore'] / med['ignore 0.4.0']:.2f}x", f"{spread['ignore 0.4.0']:.2f}x") if "ignore 0.4.0" in med else ("-", "-")
+        print(f"| {backend} | {' | '.join(cells)} | {med['ignore'] / med['none']:.1f}x | {share} | {versus} | {noise} |", flush=True)
     return 0
 
 

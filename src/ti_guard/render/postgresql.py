@@ -24,7 +24,6 @@ from __future__ import annotations
 from sqlalchemy.dialects import postgresql
 
 from ..errors import GuardError
-
 from ..policy import (
     BUMPS_TRY_NUMBER,
     COUNT_BUCKETS,
