@@ -439,3 +439,54 @@ def test_pg_status_and_doctor_tell_the_truth_about_the_functions_rights(pg_db, c
     rights = [line for line in capsys.readouterr().out.splitlines() if "rights:" in line]
     assert len(rights) == 1 and rights[0].strip().startswith("[ok]"), rights
     assert "SECURITY DEFINER" in rights[0] and "search_path=pg_catalog, pg_temp" in rights[0] and "EXECUTE not granted to PUBLIC" in rights[0]
+
+
+def test_pg_the_offline_sql_installs_in_the_dba_sessions_schema_and_nowhere_else(pg_db, capsys):
+    """sql/postgresql/install.sql names no schema: run with Airflow's schema first in search_path it
+    installs there, its function naming that schema (status agrees); run where the current schema
+    holds no task_instance it stops with one line and makes nothing."""
+    pg_db.sql('CREATE SCHEMA "Air flow"')
+    pg_db.table(schema="Air flow")
+    path = Path(__file__).parent.parent / "sql" / "postgresql" / "install.sql"
+    url = sa.engine.make_url(pg_db.url)
+    conninfo = f"postgresql://{url.username}@{url.host}:{url.port or 5432}/{url.database}"
+    refused = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", conninfo, "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "ti_guard: no table task_instance in the current schema public" in refused.stderr
+    with pg_db.engine.connect() as conn:
+        assert run_sql(conn, "SELECT count(*) FROM pg_class WHERE relname LIKE 'ti_guard%'").scalar() == 0  # nothing made
+    done = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", conninfo, "-c", 'SET search_path TO "Air flow"', "-f", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert pg_db.cli("status", "--schema=Air flow") == 0, capsys.readouterr().out
+    with pg_db.engine.connect() as conn:
+        body = run_sql(conn, "SELECT prosrc FROM pg_proc WHERE proname LIKE 'ti_guard_guard_%'").scalar()
+    assert '"Air flow".ti_guard_refusals' in body and "@ti_guard_schema" not in body
+
+
+def test_no_account_but_the_guard_writes_the_record(server_db):
+    """An account that may UPDATE task_instance (Airflow's rights) cannot write, and so cannot forge
+    or erase, the record; its refusals are recorded all the same."""
+    table = server_db.table()
+    server_db.install(mode="ignore")
+    _seed(server_db, table)
+    with server_db.account(("SELECT", "UPDATE")) as url:
+        engine = make_engine(url)
+        try:
+            for forge in (
+                f"UPDATE {RECORD_TABLE} SET dag_id = 'forged', rule = 'stale_schedule' WHERE slot = 1",
+                f"DELETE FROM {COUNTS_TABLE}",
+                f"INSERT INTO {COUNTS_TABLE} (day, rule, action, old_state, new_state, connection_id, bucket, refusals) "
+                "VALUES ('2026-01-01', 'racy_skip', 'keep', 'running', 'skipped', 0, 0, 1000)",
+            ):
+                with pytest.raises(sa.exc.DBAPIError, match="(?i)denied"):
+                    with engine.begin() as conn:
+                        run_sql(conn, forge)
+            with engine.begin() as conn:
+                conn.execute(_racy(table))
+        finally:
+            engine.dispose()
+    with server_db.engine.connect() as conn:
+        assert run_sql(conn, f"SELECT dag_id, rule FROM {RECORD_TABLE} WHERE seq IS NOT NULL").all() == [("d", "racy_skip")]
+        assert run_sql(conn, f"SELECT SUM(refusals) FROM {COUNTS_TABLE}").scalar() == 1

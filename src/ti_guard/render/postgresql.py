@@ -204,15 +204,19 @@ def render(policy: Policy, columns=None, schema: str | None = None) -> list[Guar
     objects = [guard]
 
     def trigger(role: str, column: str, condition: str, *args: str) -> GuardObject:
-        tail = (
-            f"BEFORE UPDATE OF {q.ident(column)} ON {q.table}\n"
-            f"    FOR EACH ROW\n    WHEN ({condition})\n    EXECUTE FUNCTION {fn}({q.in_list(args)})"
-        )
-        name = f"ti_guard_{role}_{short_hash(tail)}"
+        def tail(table: str, function: str) -> str:
+            return (
+                f"BEFORE UPDATE OF {q.ident(column)} ON {table}\n"
+                f"    FOR EACH ROW\n    WHEN ({condition})\n    EXECUTE FUNCTION {function}({q.in_list(args)})"
+            )
+
+        # Named by the text without the schema, as the function is: SQL rendered for a DBA without
+        # a schema and an install that names it make the same objects.
+        name = f"ti_guard_{role}_{short_hash(tail(q.ident(policy.table), q.ident(fn_name)))}"
         return GuardObject(
             kind="trigger",
             name=name,
-            create=f"CREATE TRIGGER {q.ident(name)} {tail}",
+            create=f"CREATE TRIGGER {q.ident(name)} {tail(q.table, fn)}",
             drop=f"DROP TRIGGER IF EXISTS {q.ident(name)} ON {q.table}",
             definition=fn_name,
         )
