@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import sys
