@@ -363,8 +363,10 @@ def writes_on_a_finished_row(db: Database) -> dict:
     c = table.c
     try:
         with engine.connect() as conn:
+            # A success row first: on Airflow 2 tables a failed one is spared by stale_schedule (backfill's
+            # --rerun-failed-tasks), so which row the server returned first would decide the outcome.
             row = conn.execute(sa.select(c.dag_id, c.task_id, c.run_id, c.map_index, c.state, c.try_number)
-                               .where(c.state.in_(["success", "failed"])).limit(1)).first()
+                               .where(c.state.in_(["success", "failed"])).order_by(sa.case((c.state == "success", 0), else_=1)).limit(1)).first()
         if row is None:
             return {"error": "no finished task instance to write to"}
         key = airflow_writes.key_of(table, row.dag_id, row.task_id, row.run_id, row.map_index)
