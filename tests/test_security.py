@@ -267,9 +267,9 @@ def test_pg_a_session_cannot_lift_the_guard_by_setting_the_bypass_itself(pg_db, 
 
 
 @contextlib.contextmanager
-def _mysql_account(db, *privileges: str):
+def _account(db, *privileges: str):
     """An account holding `privileges` on task_instance only (plus CREATE TEMPORARY TABLES on the
-    database when asked), logged in through a connection of its own."""
+    database when asked, MySQL), logged in through an engine of its own: yields (url, engine)."""
     table_privs = [p for p in privileges if p != "CREATE TEMPORARY TABLES"]
     with db.account(tuple(table_privs)) as url:
         if "CREATE TEMPORARY TABLES" in privileges:
@@ -277,7 +277,7 @@ def _mysql_account(db, *privileges: str):
             db.sql(f"GRANT CREATE TEMPORARY TABLES ON `{SESSION}`.* TO `{name}`@'%'")
         engine = make_engine(url)
         try:
-            yield engine
+            yield url, engine
         finally:
             engine.dispose()
 
@@ -291,7 +291,7 @@ def test_mysql_a_session_cannot_lift_the_guard_by_setting_variables_itself(mysql
     table = mysql_db.table()
     _install(mysql_db, version)
     _seed(mysql_db, table)
-    with _mysql_account(mysql_db, "SELECT", "UPDATE", "CREATE TEMPORARY TABLES") as engine, engine.connect() as conn:
+    with _account(mysql_db, "SELECT", "UPDATE", "CREATE TEMPORARY TABLES") as (_, engine), engine.connect() as conn:
         for name in ("ti_guard_refusals", "ti_guard_refusal_counts", "ti_guard_settings"):
             run_sql(conn, f"CREATE TEMPORARY TABLE {name} (x int)")
         with pytest.raises(sa.exc.DBAPIError):
@@ -326,18 +326,14 @@ def test_the_bypass_counts_only_for_an_account_with_trigger_on_the_table(server_
     table = server_db.table()
     server_db.install(mode="ignore")
     _seed(server_db, table)
-    with server_db.account(("SELECT", "UPDATE")) as url:
-        engine = make_engine(url)
-        try:
-            for expected in ("success", "skipped"):
-                with engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
-                    conn.execute(_racy(table))
-                assert _state(server_db, table) == expected
-                name = sa.engine.make_url(url).username
-                target, who = (f"`{SESSION}`.task_instance", f"`{name}`@'%'") if server_db.backend == "mysql" else ("task_instance", f'"{name}"')
-                server_db.sql(f"GRANT TRIGGER ON {target} TO {who}")
-        finally:
-            engine.dispose()
+    with _account(server_db, "SELECT", "UPDATE") as (url, engine):
+        for expected in ("success", "skipped"):
+            with engine.connect() as conn, conn.begin(), bypass(conn, Policy.build()):
+                conn.execute(_racy(table))
+            assert _state(server_db, table) == expected
+            name = sa.engine.make_url(url).username
+            target, who = (f"`{SESSION}`.task_instance", f"`{name}`@'%'") if server_db.backend == "mysql" else ("task_instance", f'"{name}"')
+            server_db.sql(f"GRANT TRIGGER ON {target} TO {who}")
 
 
 def test_set_state_says_when_the_guard_kept_the_row(pg_db, capsys):
@@ -471,22 +467,18 @@ def test_no_account_but_the_guard_writes_the_record(server_db):
     table = server_db.table()
     server_db.install(mode="ignore")
     _seed(server_db, table)
-    with server_db.account(("SELECT", "UPDATE")) as url:
-        engine = make_engine(url)
-        try:
-            for forge in (
-                f"UPDATE {RECORD_TABLE} SET dag_id = 'forged', rule = 'stale_schedule' WHERE slot = 1",
-                f"DELETE FROM {COUNTS_TABLE}",
-                f"INSERT INTO {COUNTS_TABLE} (day, rule, action, old_state, new_state, connection_id, bucket, refusals) "
-                "VALUES ('2026-01-01', 'racy_skip', 'keep', 'running', 'skipped', 0, 0, 1000)",
-            ):
-                with pytest.raises(sa.exc.DBAPIError, match="(?i)denied"):
-                    with engine.begin() as conn:
-                        run_sql(conn, forge)
-            with engine.begin() as conn:
-                conn.execute(_racy(table))
-        finally:
-            engine.dispose()
+    with _account(server_db, "SELECT", "UPDATE") as (_, engine):
+        for forge in (
+            f"UPDATE {RECORD_TABLE} SET dag_id = 'forged', rule = 'stale_schedule' WHERE slot = 1",
+            f"DELETE FROM {COUNTS_TABLE}",
+            f"INSERT INTO {COUNTS_TABLE} (day, rule, action, old_state, new_state, connection_id, bucket, refusals) "
+            "VALUES ('2026-01-01', 'racy_skip', 'keep', 'running', 'skipped', 0, 0, 1000)",
+        ):
+            with pytest.raises(sa.exc.DBAPIError, match="(?i)denied"):
+                with engine.begin() as conn:
+                    run_sql(conn, forge)
+        with engine.begin() as conn:
+            conn.execute(_racy(table))
     with server_db.engine.connect() as conn:
         assert run_sql(conn, f"SELECT dag_id, rule FROM {RECORD_TABLE} WHERE seq IS NOT NULL").all() == [("d", "racy_skip")]
         assert run_sql(conn, f"SELECT SUM(refusals) FROM {COUNTS_TABLE}").scalar() == 1
