@@ -184,7 +184,8 @@ def _pg_table(p: Probe) -> None:
 
 def _pg_privileges(p: Probe) -> None:
     schema, row = p.pg_relation
-    have = {f"TRIGGER on {p.policy.table}": bool(row) and _scalar(p, "SELECT has_table_privilege(:oid, 'TRIGGER')", oid=row[0])}
+    # No table: the airflow finding says so; TRIGGER on it cannot be missing yet.
+    have = {f"TRIGGER on {p.policy.table}": _scalar(p, "SELECT has_table_privilege(:oid, 'TRIGGER')", oid=row[0])} if row else {}
     have[f"CREATE on schema {schema!r}"] = _scalar(p, "SELECT has_schema_privilege(:s, 'CREATE')", s=schema)
     _needs(p, have, f"install needs both (the function and its own tables go in the schema); run as the owner of {p.policy.table}")
     if row and not _scalar(p, "SELECT pg_has_role(:owner, 'USAGE')", owner=row[1]):
