@@ -65,7 +65,7 @@ class Probe:
     @functools.cached_property
     def pg_relation(self):
         """(schema, (oid, owner, estimated rows, size) or None) of the table, read once."""
-        schema = self.policy.schema or self.conn.exec_driver_sql("SELECT current_schema()").scalar()
+        schema = catalog.pg_schema(self.conn, self.policy)
         row = self.conn.execute(
             sa.text(
                 "SELECT c.oid, pg_get_userbyid(c.relowner), c.reltuples::bigint, pg_total_relation_size(c.oid) "
