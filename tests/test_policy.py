@@ -23,6 +23,8 @@ KEPT = "kept"
 # stale_schedule: kept in every mode on all three backends; the writer (schedule_tis) is a bulk Core
 # UPDATE that does not check the count, and SQLite's RAISE(IGNORE) does not count the row.
 LEFT = "left as it was"
+# stale_set_state_skip: kept and counted in every mode on every backend (all three see it by value).
+COUNTED = "kept everywhere"
 
 
 def _racy(when):
@@ -35,6 +37,10 @@ def _finish(state, when):
 
 def _set_state(state, when=LATER):
     return lambda t: aw.set_state(t, aw.key_of(t, **KEY), state, when)
+
+
+def _stale_set_state(state, when=LATER):
+    return lambda t: aw.set_state_from_stale_copy(t, aw.key_of(t, **KEY), state, when)
 
 
 def _timeout(end_date=False):
@@ -59,6 +65,8 @@ CASES = [
     ("running: run timeout (state only)", "running", T0, None, _timeout(), ALLOWED),
     ("running: run timeout that also sets end_date (later releases)", "running", T0, None, _timeout(end_date=True), KEPT),
     ("running: set_state(skipped) (NotPreviouslySkippedDep, REST mark)", "running", T0, None, _set_state("skipped"), KEPT),
+    ("running: set_state(skipped) on a copy read before the start", "running", T0, None, _stale_set_state("skipped"), COUNTED),
+    ("success: set_state(skipped) on a copy read before the start", "success", T0, LATER, _stale_set_state("skipped"), COUNTED),
     ("running: set_state(failed) (REST mark)", "running", T0, None, _set_state("failed"), ALLOWED),
     ("running: set_state(success) (REST mark)", "running", T0, None, _set_state("success"), ALLOWED),
     ("success: branch skip", "success", T0, LATER, _racy(LATER), REFUSED),
@@ -163,7 +171,7 @@ def test_policy_table(db, mode):
             ok = error is None and after == baseline[name][1] and count == 1
         elif verdict == ALLOWED:
             ok = error is None and after == baseline[name][1] and count == 1
-        elif verdict == KEPT:
+        elif verdict in (KEPT, COUNTED):
             # Never raised, in any mode, and still counted: the scheduler's ORM flush goes on.
             ok = error is None and after == before and count == 1
         elif verdict == LEFT:
@@ -259,6 +267,8 @@ CASES_2X = [
     ("running: the task skips itself (state, then end_date a commit later)", "running", T0, None, [_self_skip_2x, _self_skip_end_2x], ALLOWED),
     ("running: run timeout (state only)", "running", T0, None, [_timeout()], ALLOWED),
     ("running: set_state(skipped) (NotPreviouslySkippedDep, TriggerRuleDep, REST mark)", "running", T0, None, [_set_state("skipped")], KEPT),
+    ("running: set_state(skipped) on a copy read before the start", "running", T0, None, [_stale_set_state("skipped")], COUNTED),
+    ("success: set_state(skipped) on a copy read before the start", "success", T0, LATER, [_stale_set_state("skipped")], COUNTED),
     ("running: set_state(failed) (REST mark)", "running", T0, None, [_set_state("failed")], ALLOWED),
     ("running: set_state(success) (REST mark)", "running", T0, None, [_set_state("success")], ALLOWED),
     ("running: SkipMixin's racy skip", "running", T0, None, [_racy(LATER)], REFUSED),
@@ -291,7 +301,7 @@ def test_airflow_2_policy_table(db, mode):
         before, after, error, counts = outcome(case)
         if verdict == ALLOWED:
             ok = error is None and after == baseline[name][1] and set(counts) == {1}
-        elif verdict == KEPT:
+        elif verdict in (KEPT, COUNTED):
             ok = error is None and after == before and counts == [1]
         elif mode == "raise":
             ok = error is not None and "ti_guard: refused" in str(error.orig) and after == before

@@ -62,8 +62,8 @@ CREATE TABLE ti_guard_refusal_counts (
 );
 
 
-CREATE TRIGGER ti_guard_racy_skip_793fc7bd BEFORE UPDATE OF start_date ON task_instance
-FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed')
+CREATE TRIGGER ti_guard_racy_skip_1205bfa1 BEFORE UPDATE OF start_date ON task_instance
+FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NEW.duration IS OLD.duration
 BEGIN
     UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
         rule = 'racy_skip', action = 'keep', old_state = OLD.state, new_state = NEW.state,
@@ -73,6 +73,21 @@ BEGIN
     VALUES (date('now'), 'racy_skip', 'keep', OLD.state, NEW.state, 0, (SELECT MAX(seq) FROM ti_guard_refusals) % 1000, 1)
     ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = refusals + 1;
     SELECT RAISE(IGNORE);
+END;
+
+
+CREATE TRIGGER ti_guard_stale_set_state_skip_9b150d68 AFTER UPDATE OF start_date ON task_instance
+FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NOT (NEW.duration IS OLD.duration)
+BEGIN
+    UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
+        rule = 'stale_set_state_skip', action = 'keep', old_state = OLD.state, new_state = NEW.state,
+        dag_id = OLD.dag_id, task_id = OLD.task_id, run_id = OLD.run_id, map_index = OLD.map_index
+    WHERE slot = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals) % 10000;
+    INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+    VALUES (date('now'), 'stale_set_state_skip', 'keep', OLD.state, NEW.state, 0, (SELECT MAX(seq) FROM ti_guard_refusals) % 1000, 1)
+    ON CONFLICT (day, rule, action, old_state, new_state, connection_id, bucket) DO UPDATE SET refusals = refusals + 1;
+    UPDATE task_instance SET state = OLD.state, start_date = OLD.start_date, end_date = OLD.end_date, duration = OLD.duration, updated_at = OLD.updated_at
+    WHERE dag_id = OLD.dag_id AND task_id = OLD.task_id AND run_id = OLD.run_id AND map_index = OLD.map_index;
 END;
 
 
@@ -90,7 +105,7 @@ BEGIN
 END;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_793fc7bd,ti_guard_stale_schedule_7c868685', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_1205bfa1,ti_guard_stale_set_state_skip_9b150d68,ti_guard_stale_schedule_7c868685', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING version_num;

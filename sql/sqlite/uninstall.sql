@@ -8,7 +8,10 @@ PRAGMA busy_timeout = 2000;
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_7c868685;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_793fc7bd;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_9b150d68;
+
+
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_1205bfa1;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

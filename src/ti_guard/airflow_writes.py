@@ -50,6 +50,16 @@ def racy_skip(table: sa.Table, dag_id, run_id, task_keys, when=None):
     )
 
 
+def set_state_from_stale_copy(table: sa.Table, key, state: str, when=None):
+    """`TaskInstance.set_state` on an ORM copy read before a worker started the row (the scheduler's
+    dependency checks, two schedulers and Celery workers: benchmarks/production.py): the copy has
+    no start_date, so set_state stamps one (`self.start_date or now`) and the end_date and duration
+    that follow from it."""
+    when = when or now()
+    return sa.update(table).where(key).values(state=state, start_date=when, end_date=when,
+                                              **_present(table, duration=0.0, updated_at=when))
+
+
 def set_state(table: sa.Table, key, state: str, when=None):
     """`TaskInstance.set_state` through the ORM, on a started row: state, end_date (kept when set),
     duration, updated_at. The scheduler's NotPreviouslySkippedDep / TriggerRuleDep and an

@@ -79,12 +79,15 @@ REQUIRED_COLUMNS = ("dag_id", "task_id", "run_id", "map_index", "state", "start_
 # Signatures: what a backend must see of a statement to tell the refused write from a
 # deliberate one. Each renderer compiles the signatures it can see and names the ones it can't.
 STAMPS_START = "stamps_start"
+STAMPS_START_AND_DURATION = "stamps_start_and_duration"
 ENDS_WITHOUT_NEXT_METHOD = "ends_without_next_method"
 BUMPS_TRY_NUMBER = "bumps_try_number"
 ENDS_IN_ONE_STATEMENT = "ends_in_one_statement"
 SIGNATURES = {
-    STAMPS_START: "writes start_date (the racy skip routes stamp start_date = end_date = now; "
-    "nothing else that skips a protected row writes it)",
+    STAMPS_START: "writes start_date and leaves duration (the racy skip routes stamp start_date = end_date = now "
+    "and write nothing else)",
+    STAMPS_START_AND_DURATION: "writes start_date and a new duration (`TaskInstance.set_state` on an ORM copy read "
+    "before a worker started the row: the copy has no start_date, so set_state stamps one, then the duration)",
     ENDS_WITHOUT_NEXT_METHOD: "sets end_date, keeps start_date and does not write next_method "
     "(`TaskInstance.set_state`; a task's own finish through Airflow 3's execution API always "
     "writes next_method = NULL)",
@@ -98,6 +101,7 @@ SIGNATURES = {
 # rule, rather than a trigger that names a column the table lacks.
 SIGNATURE_NEEDS = {
     STAMPS_START: "start_date",
+    STAMPS_START_AND_DURATION: "duration",
     ENDS_WITHOUT_NEXT_METHOD: "next_method",
     ENDS_IN_ONE_STATEMENT: "end_date",
     BUMPS_TRY_NUMBER: "try_number",
@@ -143,6 +147,17 @@ RULES = (
         may_raise=True,
         why="the pre-fix branch / short-circuit skip routes overwrite a task a worker holds or that finished",
         writes=("state", "start_date", "end_date", "updated_at"),
+    ),
+    Rule(
+        name="stale_set_state_skip",
+        new_state="skipped",
+        old_states=None,
+        signature=STAMPS_START_AND_DURATION,
+        may_raise=False,
+        why="the scheduler's dependency checks skip through `TaskInstance.set_state` on a copy of the row read before "
+        "a worker started it (seen under two schedulers and Celery workers): start_date is stamped as by the racy "
+        "routes, but the writer is the scheduler's ORM flush, so the row is kept and counted, never raised",
+        writes=("state", "start_date", "end_date", "duration", "updated_at"),
     ),
     Rule(
         name="set_state_skip",
@@ -206,6 +221,11 @@ WRITERS = (
            "`_are_premature_tis`: `TaskInstance.set_state`",
            "3.x", "running -> skipped", "ORM: state, end_date, duration, updated_at", "set_state_skip",
            "the second writer of the seed's race: upstream's WHERE fix does not cover it"),
+    Writer("the same dependency writers on an ORM copy read before a worker started the task: `TaskInstance.set_state` "
+           "stamps `start_date or now`", "2.x, 3.x", "running (read as not started) -> skipped",
+           "ORM: state, start_date, end_date, duration, updated_at", "stale_set_state_skip",
+           "found by the production benchmark (two schedulers, Celery workers: docs/production.md); it looks like the racy "
+           "routes but for duration, and the scheduler's flush must count its row: kept, never raised"),
     Writer("the same dependency writers, and an operator's REST / UI mark of a running TI: `TaskInstance.set_state`", "2.x",
            "running -> skipped", "ORM, one statement: state, end_date, duration, updated_at", "set_state_skip",
            "the race's second writer on 2.x; a REST mark of a running TI sends the same SQL and is kept too (mark it failed or success, or use the bypass)"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy
+from ..policy import BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, STAMPS_START_AND_DURATION, Policy
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -94,10 +94,25 @@ def enforced_rules(dialect: str, policy: Policy, columns=None):
 
 
 # For backends that see which columns a statement writes: the column that carries a signature.
-SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number", ENDS_IN_ONE_STATEMENT: "end_date"}
+SIGNATURE_COLUMN = {STAMPS_START: "start_date", STAMPS_START_AND_DURATION: "start_date", BUMPS_TRY_NUMBER: "try_number",
+                    ENDS_IN_ONE_STATEMENT: "end_date"}
 
 
-def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})") -> str:
+def duration_test(signature: str, columns, same: str) -> str | None:
+    """The value half that tells the two start_date stampers apart: the racy routes leave duration
+    as it was, `TaskInstance.set_state` writes it. None where it does not apply (a table without
+    duration has only the racy rule: policy.SIGNATURE_NEEDS)."""
+    if columns is not None and "duration" not in columns:
+        return None
+    kept = same.format(a="NEW.duration", b="OLD.duration")
+    if signature == STAMPS_START:
+        return kept
+    if signature == STAMPS_START_AND_DURATION:
+        return f"NOT ({kept})"
+    return None
+
+
+def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})", columns=None) -> str:
     """A rule's WHEN condition for backends that see which columns a statement writes (the column
     half of the signature is the trigger's `UPDATE OF`). `same`, `equals` and `member` are the
     backend's null-safe equality, equality and list membership, with {a} and {b} for operands."""
@@ -106,4 +121,7 @@ def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", 
     if rule.signature in (ENDS_WITHOUT_NEXT_METHOD, ENDS_IN_ONE_STATEMENT):
         kept = same.format(a="NEW.start_date", b="OLD.start_date")
         condition += f" AND NEW.end_date IS NOT NULL AND {kept}"
+    duration = duration_test(rule.signature, columns, same)
+    if duration:
+        condition += f" AND {duration}"
     return condition

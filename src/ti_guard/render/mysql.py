@@ -37,10 +37,11 @@ from ..policy import (
     RECORD_ROWS,
     RECORD_TABLE,
     STAMPS_START,
+    STAMPS_START_AND_DURATION,
     Policy,
     short_hash,
 )
-from . import GuardObject, Quoter, enforced_rules
+from . import GuardObject, Quoter, duration_test, enforced_rules
 
 BYPASS_VARIABLE = "@ti_guard_bypass"
 # The writing account (USER(): name@client host) against a grantee ('name'@'host pattern'). The
@@ -57,7 +58,7 @@ MESSAGE_LIMIT = 128
 # set_state_skip on Airflow 3 tables is not enforced: set_state and a task's own finish write the
 # same values. On Airflow 2 tables it is, by value: set_state sets end_date with the skip, a 2.x
 # task that skips itself writes the state alone (end_date unchanged) and end_date a commit later.
-SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
+SEES = frozenset({STAMPS_START, STAMPS_START_AND_DURATION, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 
 
 def _nested(tests: list[str], action: str, depth: int = 1) -> str:
@@ -68,13 +69,15 @@ def _nested(tests: list[str], action: str, depth: int = 1) -> str:
     return f"{pad}IF {tests[0]} THEN\n{_nested(tests[1:], action, depth + 1)}\n{pad}END IF;"
 
 
-def _signature_test(signature: str) -> str:
+def _signature_test(signature: str, columns=None) -> str:
     """The value half of a signature: MySQL cannot see which columns a statement wrote."""
-    if signature == STAMPS_START:
+    if signature in (STAMPS_START, STAMPS_START_AND_DURATION):
         # The racy routes stamp start_date = end_date = now; on a coarse clock that `now` can
         # equal the old start_date, so an end_date newly set to start_date counts too.
-        return ("NOT (NEW.start_date <=> OLD.start_date)"
-                " OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)")
+        stamps = ("(NOT (NEW.start_date <=> OLD.start_date)"
+                  " OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date))")
+        duration = duration_test(signature, columns, "{a} <=> {b}")
+        return f"{stamps} AND {duration}" if duration else stamps
     if signature == ENDS_IN_ONE_STATEMENT:
         return "NEW.end_date IS NOT NULL AND NOT (NEW.end_date <=> OLD.end_date) AND NEW.start_date <=> OLD.start_date"
     if signature == BUMPS_TRY_NUMBER:
@@ -121,7 +124,7 @@ def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
 
     def rules_for(target: str) -> str:
         return "\n".join(
-            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], _bypassable(q, act(rule, action)), 0)
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature, columns)], _bypassable(q, act(rule, action)), 0)
             for rule, olds, action in rules if rule.new_state == target
         )
 

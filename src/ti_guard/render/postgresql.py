@@ -35,13 +35,14 @@ from ..policy import (
     RECORD_SEQUENCE,
     RECORD_TABLE,
     STAMPS_START,
+    STAMPS_START_AND_DURATION,
     Policy,
     short_hash,
 )
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
 BYPASS_SETTING = "ti_guard.bypass"
-SEES = frozenset({STAMPS_START, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
+SEES = frozenset({STAMPS_START, STAMPS_START_AND_DURATION, ENDS_WITHOUT_NEXT_METHOD, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 # The record's lanes (policy.LANES) are transaction-scoped advisory locks of this class: the two-key
 # form with a first key of its own never meets Airflow's (one-key, small) advisory locks.
 LANE_LOCK_CLASS = 1952997735  # 'tiGg'
@@ -226,7 +227,7 @@ def render(policy: Policy, columns=None, schema: str | None = None) -> list[Guar
         # create in (PostgreSQL < 15's public), where an exact-match `=` would win.
         condition = rule_condition(
             q, rule, olds, same="{a} IS NOT DISTINCT FROM {b}", equals="{a} OPERATOR(pg_catalog.=) {b}",
-            member="{a} OPERATOR(pg_catalog.=) ANY (ARRAY[{b}])",
+            member="{a} OPERATOR(pg_catalog.=) ANY (ARRAY[{b}])", columns=columns,
         )
         if rule.signature in SIGNATURE_COLUMN:
             objects.append(trigger(rule.name, SIGNATURE_COLUMN[rule.signature], condition, action, rule.name))

@@ -30,13 +30,17 @@ from ..policy import (
     RECORD_ROWS,
     RECORD_TABLE,
     STAMPS_START,
+    STAMPS_START_AND_DURATION,
     Policy,
     short_hash,
 )
 from . import SIGNATURE_COLUMN, GuardObject, Quoter, enforced_rules, rule_condition
 
-SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
+SEES = frozenset({STAMPS_START, STAMPS_START_AND_DURATION, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
 KEY_COLUMNS = ("dag_id", "task_id", "run_id", "map_index")
+# Writes by an ORM flush, which fails unless its row is counted: kept by an AFTER trigger that
+# writes the old values back (RAISE(IGNORE) in a BEFORE trigger would leave the row uncounted).
+COUNTED = (ENDS_IN_ONE_STATEMENT, STAMPS_START_AND_DURATION)
 
 
 def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
@@ -51,15 +55,15 @@ def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
                 " (a task instance that a worker started or that finished is not overwritten by another writer)"
             )
             steps = f"    SELECT RAISE(ABORT, {q.literal(message)});"
-        elif rule.signature == ENDS_IN_ONE_STATEMENT:
+        elif rule.signature in COUNTED:
             steps = _record(q, rule.name, action) + (_restore(q, rule, columns) if action == KEEP else "")
         else:
             # RAISE(IGNORE) rolls nothing back: the record written before it stays.
             steps = _record(q, rule.name, action) + ("\n    SELECT RAISE(IGNORE);" if action == KEEP else "")
-        when = "AFTER" if rule.signature == ENDS_IN_ONE_STATEMENT else "BEFORE"
+        when = "AFTER" if rule.signature in COUNTED else "BEFORE"
         tail = (
             f"{when} UPDATE OF {q.ident(SIGNATURE_COLUMN[rule.signature])} ON {q.ident(policy.table)}\n"
-            f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}')}\n"
+            f"FOR EACH ROW WHEN {rule_condition(q, rule, olds, same='{a} IS {b}', columns=columns)}\n"
             f"BEGIN\n{steps}\nEND"
         )
         name = f"ti_guard_{rule.name}_{short_hash(tail)}"
