@@ -5,7 +5,7 @@ in a temporary directory next to the cache and renamed when pip is done, so an i
 install is never mistaken for a complete one. Airflow is always started as `bin/python -m
 airflow`: console scripts carry the absolute path they were built at, the interpreter does not.
 
-Run directly to warm the cache: `python tests/airflow/airflow_venv.py 3.3.2 3.1.8`.
+Run directly to warm the cache: `python tests/airflow/airflow_venv.py 3.3.2 3.1.8 3.3.2+celery`.
 """
 
 from __future__ import annotations
@@ -25,42 +25,46 @@ CACHE = Path(os.environ.get("TI_GUARD_AIRFLOW_CACHE", Path.home() / ".cache" / "
 # mysqlclient; one recipe serves every version anyway (they install beside 2.10.5 and 2.11.2 without
 # conflict), so a cached venv never depends on which suite built it.
 DRIVERS = ("psycopg2-binary", "asyncpg", "pymysql", "aiomysql", "aiosqlite", "mysqlclient")
+# The production benchmark's CeleryExecutor (benchmarks/production.py), in venvs of their own so the
+# suites on LocalExecutor never run beside a provider they do not use. celery 5.7 breaks the provider
+# (`cannot import name 'retry' from 'celery.backends.database'`: ../shared/airflow-facts.md).
+EXTRAS = {"celery": ("apache-airflow-providers-celery", "celery<5.7", "redis")}
 COMPLETE = "ti-guard-complete"
 
 
-def venv_path(version: str) -> Path:
-    return CACHE / f"airflow-{version}"
+def venv_path(version: str, extra: str | None = None) -> Path:
+    return CACHE / (f"airflow-{version}" + (f"+{extra}" if extra else ""))
 
 
 def python_of(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure(version: str, say=print) -> Path:
+def ensure(version: str, say=print, extra: str | None = None) -> Path:
     """The venv's directory, building it first when the cache has no complete one."""
-    final = venv_path(version)
+    final = venv_path(version, extra)
     marker = final / COMPLETE
-    if marker.exists() and marker.read_text() == _recipe(version):
+    if marker.exists() and marker.read_text() == _recipe(version, extra):
         return final
     CACHE.mkdir(parents=True, exist_ok=True)
-    building = CACHE / f".airflow-{version}.building-{os.getpid()}"
+    building = CACHE / f".{final.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     started = time.monotonic()
     say(f"[airflow {version}] creating a virtualenv in {building}")
     subprocess.run([sys.executable, "-m", "venv", str(building)], check=True)
     pip = [str(python_of(building)), "-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check"]
     _run_showing(pip + ["--upgrade", "pip"], version, say)
-    _run_showing(pip + [f"apache-airflow=={version}", *DRIVERS], version, say)
-    (building / COMPLETE).write_text(_recipe(version))
+    _run_showing(pip + _recipe(version, extra).split(), version, say)
+    (building / COMPLETE).write_text(_recipe(version, extra))
     shutil.rmtree(final, ignore_errors=True)
     building.rename(final)
     say(f"[airflow {version}] ready in {time.monotonic() - started:.0f} s: {final}")
     return final
 
 
-def _recipe(version: str) -> str:
+def _recipe(version: str, extra: str | None = None) -> str:
     """What a complete venv holds; a cache built from another recipe is rebuilt."""
-    return " ".join([f"apache-airflow=={version}", *DRIVERS])
+    return " ".join([f"apache-airflow=={version}", *DRIVERS, *EXTRAS.get(extra, ())])
 
 
 def _run_showing(cmd, version, say):
@@ -78,4 +82,4 @@ def _run_showing(cmd, version, say):
 
 if __name__ == "__main__":
     for v in sys.argv[1:]:
-        print(ensure(v, say=lambda m: print(m, flush=True)))
+        print(ensure(v.split("+")[0], say=lambda m: print(m, flush=True), extra=v.partition("+")[2] or None))

@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,6 +56,34 @@ BAD_LOG_LINES = re.compile(r"Traceback \(most recent call last\)|Exception when 
 
 class DeploymentError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What runs beside the API server: the deployment suite's one scheduler with LocalExecutor (the
+    default), or benchmarks/production.py's CeleryExecutor with several schedulers and `airflow celery
+    worker` processes on one metadata database."""
+
+    executor: str = "LocalExecutor"
+    schedulers: int = 1
+    workers: int = 0
+    worker_concurrency: int = 4
+    dags_folder: Path = HERE / "dags"
+    dag_ids: tuple = DAG_IDS
+    broker_url: str | None = None
+    venv_extra: str | None = None  # tests/airflow/airflow_venv.py EXTRAS
+    env: dict = field(default_factory=dict)
+
+    def components(self, major: int) -> tuple:
+        base = COMPONENTS_BY_MAJOR[major]
+        if self.executor == "CeleryExecutor" and "triggerer" not in base:
+            base += ("triggerer",)  # the production workload defers on 2.x too
+        extra = tuple(f"scheduler-{i}" for i in range(2, self.schedulers + 1))
+        return base + extra + tuple(f"worker-{i}" for i in range(1, self.workers + 1))
+
+
+def is_scheduler(name: str) -> bool:
+    return name == "scheduler" or name.startswith("scheduler-")
 
 
 # Backend ids served by MySQL or MariaDB (tests/conftest.py).
@@ -137,11 +166,12 @@ class Rest:
 class Deployment:
     """One Airflow version on one backend, every component running, until `close()`."""
 
-    def __init__(self, version: str, backend: str, admin_url: str, workdir: Path):
-        self.version, self.backend, self.workdir = version, backend, workdir
+    def __init__(self, version: str, backend: str, admin_url: str, workdir: Path, profile: Profile = Profile()):
+        self.version, self.backend, self.workdir, self.profile = version, backend, workdir, profile
         self.major = int(version.split(".")[0])
-        self.components = COMPONENTS_BY_MAJOR[self.major]
-        self.dag_ids = DAG_IDS
+        self.components = profile.components(self.major)
+        self.schedulers = tuple(c for c in self.components if is_scheduler(c))
+        self.dag_ids = profile.dag_ids
         self.tag = f"[deploy {version} {backend}]"
         self.admin_url = admin_url
         self.home = workdir / "home"
@@ -156,9 +186,10 @@ class Deployment:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timings: dict):
+    def start(self, timings: dict, prepare=None):
+        """`prepare(self)`, if given, runs on the migrated database before any component starts."""
         t0 = time.monotonic()
-        self.venv = airflow_venv.ensure(self.version, say=say)
+        self.venv = airflow_venv.ensure(self.version, say=say, extra=self.profile.venv_extra)
         self.python = str(airflow_venv.python_of(self.venv))
         self.home.mkdir(parents=True, exist_ok=True)
         self.markers.mkdir(parents=True, exist_ok=True)
@@ -172,10 +203,10 @@ class Deployment:
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url,
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": self.profile.executor,
             "AIRFLOW__CORE__PARALLELISM": "12",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.profile.dags_folder),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
             "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
@@ -197,7 +228,19 @@ class Deployment:
             "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": os.environ.get("TI_GUARD_DEPLOY_CLEANUP_INTERVAL", "86400"),
             "TI_GUARD_DEPLOY_MARKERS": str(self.markers),
             "PYTHONUNBUFFERED": "1",
+            **self.profile.env,
         }
+        if self.profile.executor == "CeleryExecutor":
+            self.env.update({
+                "AIRFLOW__CELERY__BROKER_URL": self.profile.broker_url,
+                # Celery's results in the metadata database, as the issue's deployments keep them.
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + airflow_url,
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.profile.worker_concurrency),
+            })
+        if self.backend in MYSQL_SERVERS:
+            # Who wrote a row (benchmarks/production.py's observer reads @tg_writer); PostgreSQL takes PGAPPNAME.
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "writer"), os.environ.get("PYTHONPATH")]))
+            self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "ti_guard_writer.CONNECT_ARGS"
         if self.major == 2:  # the FAB auth manager (Airflow 2's default) brings `airflow users` and basic auth
             for key in ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"):
                 self.env.pop(key)
@@ -224,6 +267,8 @@ class Deployment:
             if rc != 0:
                 raise DeploymentError(f"airflow users create exited {rc}: see {self.workdir / 'cli.log'}")
             basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        if prepare is not None:
+            prepare(self)
         timings["migrate"] = round(time.monotonic() - t0, 1)
         t1 = time.monotonic()
         for name in self.components:
@@ -246,12 +291,17 @@ class Deployment:
     def _spawn(self, name: str):
         args = {"api-server": ["api-server", "--port", str(self.port), "--host", "127.0.0.1"],
                 "webserver": ["webserver", "--port", str(self.port), "--hostname", "127.0.0.1"]}.get(name, [name])
+        if is_scheduler(name):
+            args = ["scheduler"]
+        elif name.startswith("worker-"):  # several on one host: own celery hostnames, no log server (one port)
+            args = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--skip-serve-logs",
+                    "--concurrency", str(self.profile.worker_concurrency)]
         log = open(self.log_path(name), "ab")
         log.write(f"\n===== {time.strftime('%H:%M:%S')} airflow {' '.join(args)}\n".encode())
         log.flush()
         # A process group of its own: stop() signals the component and every child it forked.
         self.procs[name] = subprocess.Popen(
-            [self.python, "-m", "airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [self.python, "-m", "airflow", *args], env={**self.env, "TI_GUARD_WRITER": name, "PGAPPNAME": name}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=self.home, start_new_session=True,
         )
         log.close()
@@ -297,29 +347,34 @@ class Deployment:
         if self.components[0] in dead:
             wait_for(f"the restarted {self.components[0]}", self._api_up, timeout=240, interval=2)
             self.rest.login()
-        if "scheduler" in dead:
-            before = self.heartbeats().get("SchedulerJob")
-            wait_for("the restarted scheduler's heartbeat",
-                     lambda: (self.heartbeats().get("SchedulerJob") or before) != before, timeout=240, interval=2)
+        if any(is_scheduler(name) for name in dead):
+            self._wait_new_scheduler_beat()
         return dead
 
+    def _wait_new_scheduler_beat(self):
+        before = self.heartbeats().get("SchedulerJob")
+        wait_for("the restarted scheduler's heartbeat",
+                 lambda: (self.heartbeats().get("SchedulerJob") or before) != before, timeout=240, interval=2)
+
     def with_scheduler_stopped(self, work):
-        """Stop the scheduler (SIGTERM, as a supervisor would), run `work`, start it again and wait
-        for its heartbeat."""
-        proc = self.procs["scheduler"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        """Stop every scheduler (SIGTERM, as a supervisor would), run `work`, start them again and wait
+        for a new heartbeat."""
+        for name in self.schedulers:
+            proc = self.procs[name]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name in self.schedulers:
+            proc = self.procs[name]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         try:
             return work()
         finally:
-            before = self.heartbeats().get("SchedulerJob")
-            self._spawn("scheduler")
-            wait_for("the restarted scheduler's heartbeat",
-                     lambda: (self.heartbeats().get("SchedulerJob") or before) != before, timeout=240, interval=2)
+            for name in self.schedulers:
+                self._spawn(name)
+            self._wait_new_scheduler_beat()
 
     def stop(self, grace: float = 30):
         """SIGTERM to every component's process group, SIGKILL to whatever is left after `grace` s."""
@@ -356,6 +411,16 @@ class Deployment:
         return {"command": f"ti-guard {args[0]}" + ("" if variant == "none" else f" --mode {variant}"),
                 "rc": done.returncode, "output": (done.stdout + done.stderr).strip()[-2000:],
                 "status_rc": status.returncode, "status": (status.stdout + status.stderr).strip()[-2000:]}
+
+    def switch_guard(self, variant: str) -> dict:
+        """`guard(variant)` on the live deployment, as the runbook says for the backend."""
+        if self.backend in MYSQL_SERVERS:
+            # MySQL's CREATE/DROP TRIGGER upgrade a metadata lock on task_instance; a scheduler
+            # transaction that read the table and then wants to write it deadlocks with that
+            # upgrade and loses (error 1213, the scheduler exits: seen in CI on MySQL 9.7). The
+            # runbook's MySQL procedure, followed here: stop the schedulers for the switch.
+            return self.with_scheduler_stopped(lambda: self.guard(variant))
+        return self.guard(variant)
 
     def _ti_guard(self, *args):
         try:
@@ -424,7 +489,7 @@ class Deployment:
             timeout = max(0.0, min(timeout, self.deadline - time.monotonic()))
 
         def guarded():
-            if self.procs.get("scheduler") is not None and self.procs["scheduler"].poll() is not None:
+            if self.schedulers and all(self.procs.get(n) is not None and self.procs[n].poll() is not None for n in self.schedulers):
                 raise DeploymentError(f"gave up waiting for {what}: the scheduler exited ({self.procs['scheduler'].returncode})")
             return check()
         return wait_for(what, guarded, timeout=timeout, interval=interval)
@@ -453,11 +518,11 @@ class Deployment:
                 lines = f.read().decode(errors="replace").splitlines()
             hits = [" | ".join(lines[i:i + 1] + _last_line_of_traceback(lines, i)) for i, line in enumerate(lines) if BAD_LOG_LINES.search(line)]
             # A worker whose execution API call was answered with an error logs a traceback in the
-            # scheduler's log (LocalExecutor workers are its children): a 409 when Airflow stopped its
+            # scheduler's log (LocalExecutor workers are its children; Celery's in their worker's): a 409 when Airflow stopped its
             # task on purpose (run timeout, a REST mark, a skip; the guard never moves a state, so
             # it never causes one). An error the server itself hit is a traceback in the API
             # server's log, which is checked.
-            hits = [h for h in hits if not (name == "scheduler" and h.endswith("ServerResponseError: Server returned error")
+            hits = [h for h in hits if not ((is_scheduler(name) or name.startswith("worker-")) and h.endswith("ServerResponseError: Server returned error")
                                             or "'reason': 'invalid_state'" in h)]
             if hits:
                 out[name] = hits[:20]
@@ -767,14 +832,7 @@ def run_deployment(version: str, backend: str, admin_url: str, cases, variants, 
         for variant in variants:
             t0 = time.monotonic()
             out = result["variants"][variant] = {"restarted_before": dep.restart_dead(f"before variant {variant}")}
-            if dep.backend in MYSQL_SERVERS:
-                # MySQL's CREATE/DROP TRIGGER upgrade a metadata lock on task_instance; a scheduler
-                # transaction that read the table and then wants to write it deadlocks with that
-                # upgrade and loses (error 1213, the scheduler exits: seen in CI on MySQL 9.7). The
-                # runbook's MySQL procedure, followed here: stop the scheduler for the switch.
-                out["guard"] = dep.with_scheduler_stopped(lambda: dep.guard(variant))
-            else:
-                out["guard"] = dep.guard(variant)
+            out["guard"] = dep.switch_guard(variant)
             offsets = dep.log_offsets()
             beats_before = dep.heartbeats()
             recorded_before = dep.refusals()
