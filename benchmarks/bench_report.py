@@ -1,4 +1,4 @@
-"""Ratios to the baseline measured in the same round, as Markdown, and the README's bench block.
+"""Ratios to the baseline measured in the same round, as Markdown, and the bench block of docs/performance.md.
 
 Every ratio is taken round by round (a variant against the baseline run in that same round),
 then summarised as median (min-max) over the rounds, so drift of the machine between rounds
@@ -7,12 +7,13 @@ does not show up as a cost.
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 
 from bench_variants import CONTROL, NONE
 from bench_workloads import BULK, WORKLOADS
+
+from ti_guard import docblock
 
 NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "mysql9": "MySQL 9.7", "sqlite": "SQLite"}
 MECHANISM_TARGET = 1.05
@@ -181,12 +182,8 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-BLOCK = re.compile(r"(<!-- bench:begin[^>]*-->\n).*?(<!-- bench:end -->)", re.S)
+PAGE = docblock.DOCS / "performance.md"
 
 
-def update_readme(readme: Path, latest: Path, notes: Path) -> None:
-    body = latest.read_text() + ("\n" + notes.read_text() if notes.exists() else "")
-    text = readme.read_text()
-    if not BLOCK.search(text):
-        raise SystemExit(f"{readme}: no <!-- bench:begin --> ... <!-- bench:end --> block")
-    readme.write_text(BLOCK.sub(lambda m: m.group(1) + body + m.group(2), text, count=1))
+def update_docs(latest: Path, notes: Path) -> None:
+    docblock.rewrite(PAGE, "bench", latest.read_text() + ("\n" + notes.read_text() if notes.exists() else ""))

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run.py                      # 100k rows; install at 100k and 1M
     .venv/bin/python benchmarks/run.py --rows 1000000       # every workload at 1M rows
     .venv/bin/python benchmarks/run.py --rows 2000 --rounds 1 --heartbeats 10 --heartbeat-repeats 1 --install-rows 2000 --install-rounds 1 --out /tmp/bench   # smoke, ~20 s
-    .venv/bin/python benchmarks/run.py --readme             # also rewrite README's bench block
+    .venv/bin/python benchmarks/run.py --docs               # also rewrite the bench block of docs/performance.md
 
 Per backend, in one process: an Airflow 3.3.2-shaped task_instance in a fresh database, then in
 each round every variant in turn (the order rotates from round to round), each running every
@@ -138,14 +138,14 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="postgresql,mysql,mysql9,sqlite", help="mysql: MariaDB on 3306; mysql9: MySQL 9.7 on 3307")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--merge", action="store_true", help="keep the other backends of the existing results/latest.json (re-run one backend)")
-    parser.add_argument("--readme", action="store_true", help="rewrite README.md's bench block from the results")
-    parser.add_argument("--readme-only", action="store_true", help="no measuring: rewrite results/latest.md and README.md from results/latest.json")
+    parser.add_argument("--docs", action="store_true", help="rewrite the bench block of docs/performance.md from the results")
+    parser.add_argument("--docs-only", action="store_true", help="no measuring: rewrite results/latest.md and docs/performance.md from results/latest.json")
     args = parser.parse_args(argv)
-    latest, notes, readme = args.out / "latest.md", HERE / "NOTES.md", HERE.parent / "README.md"
-    if args.readme_only:
-        # Re-render the table from the raw results (the report may have changed), then the README.
+    latest, notes = args.out / "latest.md", HERE / "NOTES.md"
+    if args.docs_only:
+        # Re-render the table from the raw results (the report may have changed), then the page.
         latest.write_text(bench_report.markdown(json.loads((args.out / "latest.json").read_text())))
-        bench_report.update_readme(readme, latest, notes)
+        bench_report.update_docs(latest, notes)
         return 0
     if args.install_rows is None:
         args.install_rows = [args.rows, args.rows * 10]
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     (args.out / "latest.json").write_text(json.dumps(data, indent=1))
     (args.out / "partial.json").unlink(missing_ok=True)
     print(text)
-    if args.readme:
-        bench_report.update_readme(readme, latest, notes)
+    if args.docs:
+        bench_report.update_docs(latest, notes)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Real servers, fresh databases: PostgreSQL, MariaDB, Oracle MySQL 9.7 and SQLite files.
 
-Backend ids (in test ids and the README's tables): `postgresql`, `mysql` (MariaDB 10.11, the
+Backend ids (in test ids and the docs' tables): `postgresql`, `mysql` (MariaDB 10.11, the
 distribution's MySQL), `mysql9` (Oracle MySQL 9.7, started by tests/servers/mysql97.sh), `sqlite`.
 `DB.backend` is the dialect (MariaDB and MySQL are both `mysql`: ti-guard renders the same SQL for
 them); `DB.server` is the backend id.

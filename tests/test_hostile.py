@@ -1,7 +1,7 @@
 """Hostile and odd input: names that need quoting, odd passwords, injection attempts, weak accounts.
 
 Each case either works exactly as with plain input or ends in one line naming the cause, with
-the database as it was. The README's "Hostile and wrong input" table lists these cases.
+the database as it was. The "Hostile and wrong input" table of docs/operations.md lists these cases.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def test_sql_files_are_what_alembic_prints(dialect):
     for name, args in (("install.sql", ["upgrade", "head", "--sql"]), ("uninstall.sql", ["downgrade", "head:base", "--sql"])):
         printed = subprocess.run([*ALEMBIC, "-x", f"dialect={backend}", *args], capture_output=True, text=True, cwd=ROOT)
         assert printed.returncode == 0, printed.stderr
-        assert printed.stdout == (ROOT / "sql" / backend / name).read_text(), f"sql/{backend}/{name} is stale: regenerate it (README)"
+        assert printed.stdout == (ROOT / "sql" / backend / name).read_text(), f"sql/{backend}/{name} is stale: regenerate it: ti-guard sql --dialect {backend} [--uninstall] (docs/index.md)"
 
 
 def test_sql_files_through_real_clients_match_the_alembic_route(db):

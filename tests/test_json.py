@@ -1,4 +1,4 @@
-"""`--format json`: one documented shape per command, the same common keys everywhere (README,
+"""`--format json`: one documented shape per command, the same common keys everywhere (docs/operations.md,
 "JSON and exit codes"), ISO 8601 timestamps with their UTC offset, and a quiet end when the
 reader closes the pipe."""
 

@@ -101,7 +101,7 @@ CASES = [
 def expected_verdict(backend, verdict):
     # PostgreSQL and SQLite see that the statement did not write start_date, so a task that
     # starts and skips itself within one clock tick is let through. MySQL sees only values, and
-    # there that write is indistinguishable from a same-tick branch skip: it is refused (README).
+    # there that write is indistinguishable from a same-tick branch skip: it is refused (docs/policy.md).
     if verdict == "backend":
         return REFUSED if backend == "mysql" else ALLOWED
     if verdict == KEPT and backend != "postgresql":
@@ -312,12 +312,9 @@ def test_airflow_2_policy_table(db, mode):
     assert not wrong, "\n".join(wrong)
 
 
-def test_readme_policy_tables_are_generated_from_the_rules():
-    from pathlib import Path
+def test_docs_policy_tables_are_generated_from_the_rules():
+    from ti_guard import docblock, policy_doc
 
-    from ti_guard import policy_doc
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = policy_doc.BLOCK.search(readme)
-    assert block, "README.md lost its policy block"
-    assert block.group(2) == policy_doc.markdown(), "README's policy tables are stale: python -m ti_guard.policy_doc --readme"
+    block = docblock.read(policy_doc.PAGE, "policy")
+    assert block is not None, "docs/policy.md lost its policy block"
+    assert block == policy_doc.markdown(), "docs/policy.md's policy tables are stale: python -m ti_guard.policy_doc --docs"

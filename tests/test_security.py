@@ -186,7 +186,7 @@ def test_pg_even_with_execute_granted_back_the_function_acts_on_the_guarded_tabl
 
 @pytest.mark.parametrize("version", ["0.4.0", "today"])
 def test_pg_a_dropped_record_is_not_looked_up_in_the_writers_temporary_schema(pg_db, version):
-    """An account that may only UPDATE task_instance, with the record dropped by hand (the README
+    """An account that may only UPDATE task_instance, with the record dropped by hand (docs/operations.md
     allows it): a refused racy skip on the real table must not write the attacker's temporary tables."""
     table = pg_db.table()
     _install(pg_db, version)

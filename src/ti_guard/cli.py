@@ -39,7 +39,7 @@ def _settings(args, need_url=True):
 
 
 def envelope(command: str, settings, code: int, status: str, summary: str, policy) -> dict:
-    """The keys every --format json document starts with (README, "JSON and exit codes");
+    """The keys every --format json document starts with (docs/operations.md, "JSON and exit codes");
     policy: the guard's (doctor: the one install would use), None when there is none to name."""
     return {
         "command": command,

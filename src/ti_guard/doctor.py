@@ -324,7 +324,7 @@ def _mysql_table(p: Probe) -> None:
 
 def _mysql_lock_risk(p: Probe) -> None:
     # Not a warning by itself (doctor cannot tell Airflow's sessions from others), but the one rule a
-    # MySQL rollout must keep, measured: README "Which mode", docs/rollout.md.
+    # MySQL rollout must keep, measured: docs/policy.md "Which mode", docs/rollout.md.
     p.report.say(OK, "rollout", "on MySQL and MariaDB stop Airflow's schedulers for install, a mode switch and uninstall (workers, API "
                  "server and triggerer may run): CREATE/DROP TRIGGER upgrade a metadata lock on the table that can deadlock the "
                  "scheduler's critical section, and MySQL then ends the scheduler (error 1213, seen on MySQL 9.7)")

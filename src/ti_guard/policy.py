@@ -1,14 +1,14 @@
 """The guard's policy as data: which writes to task_instance.state are refused, and how.
 
 One table of rules, read by every renderer (render/<backend>.py turns each rule into that
-backend's SQL) and by the README's policy tables (`python -m ti_guard.policy_doc --readme`). A rule
+backend's SQL) and by the policy tables of docs/policy.md (`python -m ti_guard.policy_doc --docs`). A rule
 says which write it stops (new state, old states), what tells that write apart from Airflow's
 deliberate writes of the same transition (its *signature*: a fact about the statement that a
 backend can or cannot see), whether `raise` mode may fail the statement for it, and which
 Airflow writers it is for. WRITERS lists every Airflow writer of those transitions, each with
 the rule that catches it or None when it goes through.
 
-Two properties every rule keeps (README, "Policy"):
+Two properties every rule keeps (docs/policy.md, "Policy"):
 
 (a) Airflow's own components never fail because of the guard. A write Airflow makes to one
     task instance through its ORM (`TaskInstance.set_state`, the scheduler's run timeout)
@@ -45,7 +45,7 @@ AIRFLOW_STATES = (
 )
 DEFAULT_PROTECT = ("running", "success", "failed")
 # ignore: a refused write leaves the row as it was and is recorded; nothing Airflow does ever
-# fails because of the guard (README, "Which mode"). raise: the racy skip routes fail their
+# fails because of the guard (docs/policy.md, "Which mode"). raise: the racy skip routes fail their
 # statement. audit: every write goes through and each one the guard would refuse is recorded,
 # the first step of a rollout (docs/rollout.md).
 MODES = ("ignore", "raise", "audit")

@@ -1,20 +1,19 @@
-"""The README's policy tables, generated from policy.RULES and policy.WRITERS.
+"""The policy tables of docs/policy.md, generated from policy.RULES and policy.WRITERS.
 
-    python -m ti_guard.policy_doc            print the block
-    python -m ti_guard.policy_doc --readme   rewrite it in README.md (a test fails while it is stale)
+    python -m ti_guard.policy_doc          print the block
+    python -m ti_guard.policy_doc --docs   rewrite it in docs/policy.md (a test fails while it is stale)
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
 
+from . import docblock
 from .policy import RULES, SIGNATURES, WRITERS, rule_named
 from .render import SUPPORTED, sees
 
 NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL", "sqlite": "SQLite"}
-BLOCK = re.compile(r"(<!-- policy:begin[^\n]*-->\n)(.*?)(<!-- policy:end -->)", re.S)
+PAGE = docblock.DOCS / "policy.md"
 
 
 def verdict(rule_name, backend: str, generation: int = 3) -> str:
@@ -61,15 +60,10 @@ def markdown() -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--readme" not in argv:
+    if "--docs" not in argv:
         sys.stdout.write(markdown())
         return 0
-    readme = Path(__file__).resolve().parents[2] / "README.md"
-    text = readme.read_text()
-    if not BLOCK.search(text):
-        print("README.md has no policy block", file=sys.stderr)
-        return 1
-    readme.write_text(BLOCK.sub(lambda m: m.group(1) + markdown() + m.group(3), text, count=1))
+    docblock.rewrite(PAGE, "policy", markdown())
     return 0
 
 

@@ -214,7 +214,7 @@ def guard_status(db: Database) -> dict:
 
 
 def bypass_statements(db: Database, variant: str) -> dict:
-    """README "Deliberate repairs", as SQL run inside Airflow's own set_state transaction."""
+    """docs/repairs.md, the bypass, as SQL run inside Airflow's own set_state transaction."""
     if variant == "none":
         return {"before": [], "after": []}
     policy = Policy.build()

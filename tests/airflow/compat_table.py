@@ -1,4 +1,4 @@
-"""Renders the README's Airflow compatibility block from the last run of tests/airflow.
+"""Renders the Airflow compatibility block of docs/compatibility.md from the last run of tests/airflow.
 
     .venv/bin/pytest tests/airflow && .venv/bin/python tests/airflow/compat_table.py
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ti_guard import docblock
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("TI_GUARD_COMPAT_RESULTS", REPO / ".pytest_cache" / "ti-guard-compat.json"))
-BLOCK = re.compile(r"(<!-- compat:begin[^>]*-->\n).*?(<!-- compat:end -->)", re.S)
+PAGE = docblock.DOCS / "compatibility.md"
 BACKEND_NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "mysql9": "MySQL 9.7", "sqlite": "SQLite"}
 SCENARIO_NAMES = {
     "tg_skip_exception": "task raises AirflowSkipException, downstream skipped",
@@ -31,7 +32,7 @@ SCENARIO_NAMES = {
     "tg_retry": "task fails once, retries, succeeds",
     "set_state": "`TaskInstance.set_state(skipped)` on a success TI",
     "pre-fix UPDATE": "pre-fix skip UPDATE over running / unscheduled / success rows",
-    "pre-fix UPDATE under bypass": "the same under the README's bypass",
+    "pre-fix UPDATE under bypass": "the same under the documented bypass",
     "skip route": "Airflow's own skip writer on a running TI (3.x `ti_skip_downstream`; 2.x `SkipMixin.skip`)",
     "guard install": "guard install leaves Airflow's `alembic_version`",
     "upgrade": "Airflow upgrade (`airflow db migrate` from the previous minor) with the guard (ignore mode) in place",
@@ -135,13 +136,7 @@ def notes(combos) -> list[str]:
 
 def main() -> int:
     data = json.loads(RESULTS.read_text())
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if not BLOCK.search(text):
-        print("README.md has no compat block", file=sys.stderr)
-        return 1
-    readme.write_text(BLOCK.sub(lambda m: m.group(1) + render(data) + m.group(2), text, count=1))
-    print(f"README.md compat block rewritten from {RESULTS}")
+    docblock.rewrite(PAGE, "compat", render(data))
     return 0
 
 

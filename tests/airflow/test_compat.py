@@ -3,7 +3,7 @@
 Every combo runs each scenario with no guard, then with the guard in raise and in ignore mode
 (compat_harness.py). The no-guard run is the yardstick: the DAG tests compare against it, and
 the writer tests assert that without the guard the racy or operator write really lands, so a
-guard that did nothing could not pass. Each assertion's outcome is also recorded for the README
+guard that did nothing could not pass. Each assertion's outcome is also recorded for the docs/compatibility.md
 table (compat_table.py).
 """
 
@@ -89,7 +89,7 @@ CHECKS: list[dict] = []
 
 
 def check(combo, scenario, variant, observed, expected):
-    """Records the comparison for the README table, then asserts it."""
+    """Records the comparison for the docs/compatibility.md table, then asserts it."""
     CHECKS.append({"version": combo["version"], "backend": combo["backend"], "scenario": scenario, "variant": variant,
                    "ok": observed == expected, "observed": observed, "expected": expected})
     assert observed == expected, f"{scenario} [{variant}]"
@@ -129,7 +129,7 @@ def test_operator_marks_finished_task_skipped(combo):
 
 @combo_params
 def test_racy_update_under_the_bypass_goes_through(combo):
-    """Step 6: the README's bypass, in the writer's own transaction, lets through the very UPDATE the
+    """Step 6: the documented bypass (docs/repairs.md), in the writer's own transaction, lets through the very UPDATE the
     guard refuses (raise) or keeps (ignore) without it (test_racy_update_replayed: the control)."""
     runs = combo["variants"]
     for variant in harness.VARIANTS:

@@ -10,7 +10,7 @@ table gets), 2 when the migration dropped it (SQLite's batch migrations re-creat
 the guard: every migration must end as it does there.
 
 TI_GUARD_UPGRADE_CHAIN (default 2.11.2,3.1.8,3.3.2: CI's budget; the compat suite already upgrades
-2.10.0 -> 2.11.2 with the guard; the README's figures are from 2.10.5,2.11.2,3.1.8,3.3.2) and
+2.10.0 -> 2.11.2 with the guard; the docs' figures are from 2.10.5,2.11.2,3.1.8,3.3.2) and
 TI_GUARD_UPGRADE_BACKENDS (default postgresql,sqlite).
 """
 

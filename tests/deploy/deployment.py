@@ -817,7 +817,7 @@ QUIET_TIMEOUT = 120  # after the cases: how long TIs of the variant may still be
 
 def run_deployment(version: str, backend: str, admin_url: str, cases, variants, workdir: Path) -> dict:
     """Starts the components once, runs every variant in turn on them (cases of a variant concurrently),
-    and returns plain data for the tests and the README table. Never raises: errors are recorded."""
+    and returns plain data for the tests and the docs/deployments.md table. Never raises: errors are recorded."""
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 

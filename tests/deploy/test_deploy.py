@@ -51,7 +51,7 @@ RECORD = None
 ALL = "*"
 # With set_state_skip, `join` keeps running and succeeds; the scheduler's deadlock check
 # (`DagRun.update_state`: no unfinished TI has its deps met, and join's NotPreviouslySkippedDep
-# fails on every pass) then marks the run failed while join still runs. Measured; README, "Policy".
+# fails on every pass) then marks the run failed while join still runs. Measured; docs/policy.md, "Policy".
 _RACE_GUARDED = {"race": {"@run": "failed", "fast": "success", "branch": "success", "join": "success", "other": "success"}}
 _RACE_UNGUARDED = {"race": {"@run": "success", "fast": "success", "branch": "success", "join": "skipped", "other": "success"}}
 EXPECTED = {
@@ -73,15 +73,15 @@ EXPECTED = {
     # Without the guard the bug reproduced: the racy skip (3.0/3.1, 2.x) or the scheduler's
     # set_state (3.3) skips the running `join`, which is stopped before its end (test_race_was_exercised:
     # join not success <=> its command did not run to the end), and the run ends success. Measured on
-    # every version and backend of the matrix (README, deployment blocks).
+    # every version and backend of the matrix (docs/deployments.md, deployment block).
     (ALL, ALL, "none", "race"): _RACE_UNGUARDED,
     # MySQL/MariaDB on Airflow 3: the scheduler's set_state(skipped) on the running join looks like a
-    # self-finish, so set_state_skip is not enforced there (README, "Policy"): the second writer still
+    # self-finish, so set_state_skip is not enforced there (docs/policy.md, "Policy"): the second writer still
     # kills join, as without the guard (measured on 3.3.2, MariaDB and MySQL 9.7, both modes).
     (ALL, "mysql", "raise", "race"): _RACE_UNGUARDED,
     (ALL, "mysql", "ignore", "race"): _RACE_UNGUARDED,
     # 3.1.8 raise: the branch's racy skip route is refused with an error: the branch task fails and
-    # `other` ends upstream_failed (README, "Which mode"). Asserted, with the run.
+    # `other` ends upstream_failed (docs/policy.md, "Which mode"). Asserted, with the run.
     ("3.1.8", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
                                                "other": "upstream_failed"}},
     # ... and on MariaDB the second writer (set_state, not enforced on MySQL) skips join anyway.
@@ -128,7 +128,7 @@ STALE_SCHEDULE = {
 }
 # Component-log tracebacks that are the measured cost of a mode, not a failure of the suite:
 # (version, backend, variant) -> (component, what each of its lines must match, why). Only lines of
-# that component that match are let through (recorded and shown in the README block); any other
+# that component that match are let through (recorded and shown in the docs/deployments.md block); any other
 # traceback, in that component or another, fails as everywhere else.
 KNOWN_TRACEBACKS = {
     ("3.1.8", ALL, "raise"): ("api-server", re.compile(r"ti_guard: refused|RuntimeError: No response returned\."),
@@ -216,7 +216,7 @@ def _write_results(results):
 
 
 def check(dep, variant, what, observed, expected, case=None):
-    """Records the comparison (for the README block), then asserts it, naming the kept work dir."""
+    """Records the comparison (for the docs/deployments.md block), then asserts it, naming the kept work dir."""
     ok = observed == expected
     CHECKS.append({"version": dep["version"], "backend": dep["backend"], "variant": variant, "case": case, "check": what,
                    "ok": ok, "observed": observed, "expected": expected})

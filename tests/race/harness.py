@@ -3,7 +3,7 @@ pre-3.3 schedule_tis, with and without the guard.
 
     .venv/bin/python -m tests.race.harness --url postgresql+psycopg://postgres@127.0.0.1:5432/test \\
         --url mysql+pymysql://root@127.0.0.1:3306/test --url mysql+pymysql://root@127.0.0.1:3307/test \\
-        --races 100000 [--readme] [--readme-out FILE]     # 3307: MySQL 9.7 (tests/servers/mysql97.sh)
+        --races 100000 [--docs] [--block-out FILE]     # 3307: MySQL 9.7 (tests/servers/mysql97.sh)
 
 For each URL it creates a scratch database on that server (dropped at the end; --in-place
 uses the database the URL names, which must have no task_instance), then runs three
@@ -12,8 +12,8 @@ ignore mode. What happened is read from the observer's log (tests/race/observer.
 from the guard: an overwrite is a committed running/success/failed -> skipped written by the
 skip writer, or running/success/failed -> scheduled written by the schedule writer; a kill is
 a worker's 409 on a heartbeat or finish, put down to the writer that took the row out of
-running. --readme prints the README's race block for this run (paste it between the
-race:begin and race:end markers); --readme-out FILE writes it to FILE.
+running. --docs rewrites the race block of docs/deployments.md and the report block of
+docs/operations.md with this run's figures; --block-out FILE writes the race block to FILE.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from ti_guard import cli
+from ti_guard import cli, docblock
 from ti_guard.config import resolve
 from ti_guard.lifecycle import report
 from ti_guard.report import as_text, parse_since
@@ -493,9 +493,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-races", type=int, help="skip races without the guard (default: as many as --races)")
     parser.add_argument("--workers", type=int, default=Plan.workers)
     parser.add_argument("--in-place", action="store_true", help="use the database the URL names instead of a scratch one")
-    parser.add_argument("--readme", action="store_true", help="print README's race block for this run's figures")
-    parser.add_argument("--readme-out", type=Path, metavar="FILE", help="write README's race block for this run's figures to FILE")
-    parser.add_argument("--report-out", type=Path, metavar="FILE", help="write README's report block (the first server's audit variant) to FILE")
+    parser.add_argument("--docs", action="store_true", help="rewrite the race block (docs/deployments.md) and the report block (docs/operations.md)")
+    parser.add_argument("--block-out", type=Path, metavar="FILE", help="write the race block for this run's figures to FILE")
+    parser.add_argument("--report-out", type=Path, metavar="FILE", help="write the report block (the first server's audit variant) to FILE")
     args = parser.parse_args(argv)
     plan = Plan(races=args.races, workers=args.workers)
     results, versions = [], []
@@ -518,27 +518,29 @@ def main(argv=None) -> int:
         results += got
     print()
     print(tables(results))
-    if args.readme or args.readme_out:
+    if args.docs or args.block_out:
         shown = ["python -m tests.race.harness", *(f"--url {u.split('://')[0]}://..." for u in args.url), f"--races {args.races}"]
         if args.baseline_races:
             shown.append(f"--baseline-races {args.baseline_races}")
         text = block(results, versions, " ".join(shown))
-        if args.readme_out:
-            args.readme_out.write_text(text)
-            print(f"\nwrote README's race block to {args.readme_out}")
-        if args.readme:
-            print("\n----- README race block (between <!-- race:begin ... --> and <!-- race:end -->) -----")
-            print(text, end="")
-            print("----- end of the race block -----")
+        if args.block_out:
+            args.block_out.write_text(text)
+            print(f"\nwrote the race block to {args.block_out}")
+        if args.docs:
+            docblock.rewrite(docblock.DOCS / "deployments.md", "race", text)
     audited = next((r for r in results if r.variant == "audit"), None)
-    if args.report_out and audited:
-        args.report_out.write_text(
+    if (args.report_out or args.docs) and audited:
+        text = (
             f"`ti-guard report --since 1d` at the end of the race harness's audit variant ({audited.races} skip and "
             f"{audited.schedule_races} schedule_tis races on {versions[0]}; every write went through, each one the guard "
             "would have refused is counted; the harness checks the counts against its observer):\n\n"
             + "\n".join("    " + line for line in audited.report_text.splitlines()) + "\n"
         )
-        print(f"wrote README's report block to {args.report_out}")
+        if args.report_out:
+            args.report_out.write_text(text)
+            print(f"wrote the report block to {args.report_out}")
+        if args.docs:
+            docblock.rewrite(docblock.DOCS / "operations.md", "report", text)
     bad = [r for r in results if r.problems() or r.outcome()]
     return 1 if bad else 0
 

@@ -85,7 +85,7 @@ def render(dialect: str, policy: Policy, columns=None, schema: str | None = None
 
 def sees(dialect: str) -> frozenset:
     """The rule signatures a backend can test; a rule whose signature it cannot see is not
-    enforced there (the README's policy table says so per backend)."""
+    enforced there (docs/policy.md's policy table says so per backend)."""
     return _module(dialect).SEES
 
 
