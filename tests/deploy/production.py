@@ -168,6 +168,15 @@ class Workload:
                                         "GROUP BY dag_id"), {"p": self.prefix + "%"}).all()
         return Counter({d: n for d, n in rows})
 
+    def busy(self) -> int:
+        """Runs still active, and task instances still active in finished runs: a run the scheduler
+        failed (its deadlock check, beside a kept task) can end while that task still runs."""
+        with self.dep.engine.connect() as conn:
+            tis = conn.execute(sa.text("SELECT COUNT(*) FROM task_instance WHERE run_id LIKE :p AND state IN "
+                                       "('running', 'queued', 'scheduled', 'deferred', 'up_for_retry', 'up_for_reschedule', 'restarting')"),
+                               {"p": self.prefix + "%"}).scalar()
+        return sum(self.active().values()) + tis
+
     def _loop(self):
         n = 0
         while not self._stop.is_set():
@@ -411,7 +420,7 @@ def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale
     drained = time.monotonic()
     try:
         dep.deadline = None
-        dep.wait("the variant's runs to finish", lambda: not workload.active(), timeout=DRAIN_TIMEOUT, interval=3)
+        dep.wait("the variant's runs and task instances to finish", lambda: not workload.busy(), timeout=DRAIN_TIMEOUT, interval=3)
         out["drained"] = True
     except DeploymentError as exc:
         out["drained"] = False
