@@ -69,6 +69,27 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
+def pooled_cost(variants) -> str:
+    """Each variant's mean throughput and p95 delay against none's mean, beside none's own spread."""
+    def mean(runs, pick):
+        values = [pick(v) for v in runs if pick(v) is not None]
+        return sum(values) / len(values) if values else None
+
+    def tput(v):
+        return v["throughput"]["per_minute"]
+
+    def p95(v):
+        return v["delay"].get("p95")
+
+    nones = pooled(variants, "none")
+    base_t, base_d = mean(nones, tput), mean(nones, p95)
+    spread = (f"none vs none: throughput {min(map(tput, nones)) / max(map(tput, nones)):.2f}"
+              if len(nones) > 1 else "one none variant: no spread measured")
+    parts = [f"{name} {ratio(mean(pooled(variants, name), tput), base_t)} (delay p95 {ratio(mean(pooled(variants, name), p95), base_d)})"
+             for name in dict.fromkeys(v["variant"] for v in variants) if name != "none"]
+    return f"Pooled, each variant's mean against none's mean: throughput {', '.join(parts)}; {spread} (lower / higher)."
+
+
 def render_deployment(res: dict) -> list[str]:
     variants = res.get("variants", [])
     names = list(dict.fromkeys(v["variant"] for v in variants))
@@ -114,6 +135,7 @@ def render_deployment(res: dict) -> list[str]:
                      f"{', '.join(v['exited']) or 'none'} | {errors} | {recorded} |")
         if v["variant"] == "none":
             last_none = v
+    lines += ["", pooled_cost(variants)]
     # Outcomes that differ from none's.
     diffs = []
     nones = pooled(variants, "none")

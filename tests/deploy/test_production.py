@@ -6,7 +6,7 @@ lock-wait error appears that `none` does not also show, and the ordinary DAGs en
 
 TI_GUARD_PRODUCTION_MATRIX (default 3.3.2-postgresql; e.g. 3.1.8-postgresql,3.3.2-mysql9),
 TI_GUARD_PRODUCTION_VARIANTS (default none,ignore; none first), TI_GUARD_PRODUCTION_SECONDS (load
-per variant, default 150). The full benchmark with its tables: benchmarks/production.py.
+per variant, default 180). The full benchmark with its tables: benchmarks/production.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.deploy
 
 MATRIX = [i.strip() for i in os.environ.get("TI_GUARD_PRODUCTION_MATRIX", "3.3.2-postgresql").split(",") if i.strip()]
 VARIANTS = [v.strip() for v in os.environ.get("TI_GUARD_PRODUCTION_VARIANTS", "none,ignore").split(",") if v.strip()]
-SECONDS = float(os.environ.get("TI_GUARD_PRODUCTION_SECONDS", "150"))
+SECONDS = float(os.environ.get("TI_GUARD_PRODUCTION_SECONDS", "180"))
 # Which routes each backend stops (docs/policy.md): set_state_skip needs the statement's column list,
 # which PostgreSQL's UPDATE OF gives and MySQL's trigger gets from performance_schema where it is on.
 STOPPED = {"postgresql": ("racy_skip", "stale_schedule", "set_state_skip"), "mysql9": ("racy_skip", "stale_schedule", "set_state_skip"),
