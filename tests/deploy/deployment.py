@@ -764,7 +764,8 @@ print("RESULT " + json.dumps(out, default=str), flush=True)
 def _stale_schedule(dep: Deployment, dag_id: str, run_id: str, task_id: str) -> dict:
     started = time.monotonic()
     try:
-        done = subprocess.run([dep.python, "-c", STALE_SCHEDULER, dag_id, run_id, task_id], env=dep.env, cwd=dep.home,
+        done = subprocess.run([dep.python, "-c", STALE_SCHEDULER, dag_id, run_id, task_id], cwd=dep.home,
+                              env={**dep.env, "TI_GUARD_WRITER": "stale-scheduler", "PGAPPNAME": "stale-scheduler"},
                               capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         raise DeploymentError("the stale scheduler's schedule_tis did not finish in 240 s") from None

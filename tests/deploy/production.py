@@ -255,10 +255,13 @@ def kills(dep: Deployment, run_ids) -> list[dict]:
         if not told:
             continue
         with dep.engine.connect() as conn:
+            # The write that moved this attempt off running: try_number is the attempt's number (2.10+,
+            # 3.x); a later attempt's own finish must not be taken for it.
             row = conn.execute(sa.text(
                 "SELECT old_state, new_state, old_start, new_start, old_end, new_end, old_try, new_try, writer FROM tg_bench_changes "
-                "WHERE dag_id = :d AND run_id = :r AND task_id = :t AND map_index = :m AND old_state = 'running' ORDER BY id DESC"),
-                {"d": dag_id, "r": run_id, "t": task_id, "m": map_index}).mappings().first()
+                "WHERE dag_id = :d AND run_id = :r AND task_id = :t AND map_index = :m AND old_state = 'running' "
+                "ORDER BY CASE WHEN old_try = :a THEN 0 ELSE 1 END, id DESC"),
+                {"d": dag_id, "r": run_id, "t": task_id, "m": map_index, "a": attempt}).mappings().first()
         change = dict(row) if row else None
         found.append({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "attempt": attempt,
                       "current_state": state or (change or {}).get("new_state"), "route": classify(change),
