@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from .policy import ENDS_WITHOUT_NEXT_METHOD
+from .render.mysql import SIGNAL_STATEMENT
 
 # The consumer hierarchy events_statements_current records under, outermost first.
 CONSUMERS = ("global_instrumentation", "thread_instrumentation", "events_statements_current")
@@ -26,17 +27,21 @@ def uses_signal(rules) -> bool:
 
 def gap(conn: sa.Connection, account: str | None = None) -> str | None:
     """One line naming why the statement cannot be read, with the fix; None when it can. `account`:
-    the trigger's DEFINER whose SELECT is probed when it is the connection's own account (None: the
-    connection's account, the DEFINER that install would make)."""
+    the trigger's DEFINER, whose SELECT is probed when it is the connection's own account (None: the
+    connection's account, the DEFINER that install would make). The probe is this connection's own
+    statement, read as the trigger reads the writer's."""
     if not conn.exec_driver_sql("SELECT @@performance_schema").scalar():
         return f"performance_schema is OFF (MariaDB's default): {LOST}; fix: performance_schema=ON in the server's option file, then restart it"
     me = conn.exec_driver_sql("SELECT CURRENT_USER()").scalar()
-    if account is None or _same_account(account, me):
-        try:
-            conn.exec_driver_sql(f"SELECT 1 FROM {TABLES[0]} JOIN {TABLES[1]} ON 1 = 0")
-        except sa.exc.DBAPIError:
+    try:
+        own = conn.exec_driver_sql(f"SELECT COUNT(*) FROM ({SIGNAL_STATEMENT}) AS own").scalar()
+    except sa.exc.DBAPIError:
+        if account is None or _same_account(account, me):
             grants = "; ".join(f"GRANT SELECT ON {t} TO {_quoted(me)}" for t in TABLES)
-            return f"the trigger's DEFINER {me} cannot read {' and '.join(TABLES)}: {LOST}; fix: {grants}, then ti-guard install"
+            return f"the trigger's DEFINER {me} cannot read {' and '.join(TABLES)}: {LOST}; fix: {grants} (no reinstall needed)"
+        own = 0
+    if own:
+        return None
     try:
         off = [
             name
@@ -52,16 +57,17 @@ def gap(conn: sa.Connection, account: str | None = None) -> str | None:
         ).scalar()
         actors = conn.exec_driver_sql("SELECT COUNT(*) FROM performance_schema.setup_actors WHERE ENABLED = 'YES'").scalar()
     except sa.exc.DBAPIError:
-        return f"cannot read performance_schema's setup tables to tell whether set_state_skip can see the statement's columns: grant SELECT on performance_schema.setup_consumers, setup_instruments and setup_actors"
+        off, instrument, actors = None, None, None
     if off:
         names = ", ".join(f"'{n}'" for n in sorted(off, key=CONSUMERS.index))
         return (f"performance_schema consumer(s) {names} disabled: {LOST}; fix: UPDATE performance_schema.setup_consumers "
                 f"SET ENABLED='YES' WHERE NAME IN ({names}) (and performance-schema-consumer-... = ON in the option file)")
-    if instrument != "YES":
+    if instrument == "NO":
         return f"performance_schema instrument {INSTRUMENT} disabled: {LOST}; fix: UPDATE performance_schema.setup_instruments SET ENABLED='YES' WHERE NAME='{INSTRUMENT}'"
-    if not actors:
+    if actors == 0:
         return f"performance_schema.setup_actors instruments no account's threads: {LOST}; fix: UPDATE performance_schema.setup_actors SET ENABLED='YES' for Airflow's account"
-    return None
+    return (f"performance_schema does not record this connection's statement (setup_actors, or a thread set INSTRUMENTED='NO'; "
+            f"performance_schema.setup_* unreadable here): {LOST} for such threads; fix: check performance_schema.setup_actors and threads.INSTRUMENTED")
 
 
 def _same_account(definer: str, current: str) -> bool:

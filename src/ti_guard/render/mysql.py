@@ -63,14 +63,15 @@ MESSAGE_LIMIT = 128
 SEES = frozenset({STAMPS_START, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD})
 
 
-# The client's statement that fired the trigger: its thread's level-0 statement event. The thread is
+# The client's statement that fired the trigger: its thread's level-0 statement event, still running
+# (a thread no longer instrumented keeps its last statement there, ended). The thread is
 # found through performance_schema.threads, not PS_CURRENT_THREAD_ID(): MariaDB has no such
 # function and would call a stored function of that name in the table's database, code anyone with
 # CREATE ROUTINE there could put in place to run with the trigger's DEFINER's rights.
 SIGNAL_STATEMENT = (
     "SELECT e.SQL_TEXT FROM performance_schema.events_statements_current e"
     " JOIN performance_schema.threads t ON t.THREAD_ID = e.THREAD_ID"
-    " WHERE t.PROCESSLIST_ID = CONNECTION_ID() AND e.NESTING_EVENT_LEVEL = 0"
+    " WHERE t.PROCESSLIST_ID = CONNECTION_ID() AND e.NESTING_EVENT_LEVEL = 0 AND e.END_EVENT_ID IS NULL"
 )
 # A column of these named in the SET list: not set_state's write. next_method: a task's own finish
 # through the execution API (PostgreSQL's companion `UPDATE OF next_method` trigger); start_date:
@@ -87,8 +88,10 @@ SIGNAL_QUOTED_NAME = "(?i)[`\"]{}[`\"]"
 # quote inside a value never ends it. Backslash escapes are not modelled (their meaning depends on
 # the client's NO_BACKSLASH_ESCAPES): a statement holding a backslash is no signal.
 SIGNAL_QUOTED = "'[^']*'|\"[^\"]*\"|`[^`]*`"
-# Left after stripping: an unterminated quote (a text cut at performance_schema_max_sql_text_length)
-# or a comment (possibly executable, /*! ... */): no signal.
+# Left in the SET list after stripping: an unterminated quote (a text cut inside a value at
+# performance_schema_max_sql_text_length, and the WHERE found after it is no keyword) or a comment
+# (possibly executable, /*! ... */): no signal. What follows the first WHERE cannot change the SET
+# list: quoted tokens are found from the left, so a text cut after it still tells.
 SIGNAL_UNSURE = "['\"`#]|/[*]|--"
 # The statement up to the end of its SET list: an UPDATE (not a CALL, not INSERT ... ON DUPLICATE
 # KEY UPDATE), its first SET keyword and its first WHERE keyword. A text cut before its WHERE has no
@@ -116,8 +119,8 @@ def _signal(q: Quoter, action: str) -> str:
         f"    SET {s} = ({SIGNAL_STATEMENT});\n"
         f"    SET {s} = IF(LOCATE(CHAR(92 USING ascii), {s}) > 0, NULL,\n"
         f"        REGEXP_REPLACE({bare}, {_text(q, SIGNAL_QUOTED)}, ' '));\n"
-        f"    SET {s} = IF({s} REGEXP {_text(q, SIGNAL_UNSURE)}, NULL, REGEXP_SUBSTR({s}, {_text(q, SIGNAL_SET_LIST)}));\n"
-        f"    SET @ti_guard_set_state = CHAR_LENGTH({s}) > 0\n"
+        f"    SET {s} = REGEXP_SUBSTR({s}, {_text(q, SIGNAL_SET_LIST)});\n"
+        f"    SET @ti_guard_set_state = CHAR_LENGTH({s}) > 0 AND NOT ({s} REGEXP {_text(q, SIGNAL_UNSURE)})\n"
         f"        AND CHAR_LENGTH(REPLACE({s}, '(', '')) = CHAR_LENGTH(REPLACE({s}, ')', ''))\n"
         f"        AND NOT ({s} REGEXP {_text(q, SIGNAL_NAMES)});\n"
         "END;\n"
