@@ -3,7 +3,7 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_68e01a7c;
+DROP TRIGGER IF EXISTS ti_guard_guard_556eed0e;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;
