@@ -59,6 +59,8 @@ SHAPES = [
     ("a finish cut in its SET list before next_method",
      f"UPDATE task_instance SET state='skipped', end_date={END}, duration=GREATEST({', '.join(['1'] * 400)}), next_method=NULL {WHERE}", THROUGH),
     ("set_state cut after its WHERE: the SET list is whole", f"{SET_STATE} AND task_instance.hostname <> '{LONG}'", KEPT),
+    ("set_state whose values are past ASCII", f"UPDATE task_instance SET state='skipped', end_date={END}, hostname='wörker' {WHERE}", KEPT),
+    ("set_state with an alias past ASCII: no signal", f"UPDATE task_instance AS tï SET tï.state='skipped', tï.end_date={END} WHERE tï.id = '{ID}'", THROUGH),
 ]
 
 

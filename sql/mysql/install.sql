@@ -62,7 +62,7 @@ CREATE TABLE ti_guard_refusal_counts (
 
 DELIMITER //
 
-CREATE TRIGGER ti_guard_guard_556eed0e BEFORE UPDATE ON task_instance FOR EACH ROW
+CREATE TRIGGER ti_guard_guard_401ba42a BEFORE UPDATE ON task_instance FOR EACH ROW
 BEGIN
     IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
         IF CAST(NEW.state AS BINARY) = 'skipped' THEN
@@ -104,12 +104,12 @@ BEGIN
                     BEGIN
                         DECLARE EXIT HANDLER FOR SQLEXCEPTION SET @ti_guard_set_state = FALSE;
                         SET @ti_guard_statement = (SELECT e.SQL_TEXT FROM performance_schema.events_statements_current e JOIN performance_schema.threads t ON t.THREAD_ID = e.THREAD_ID WHERE t.PROCESSLIST_ID = CONNECTION_ID() AND e.NESTING_EVENT_LEVEL = 0 AND e.END_EVENT_ID IS NULL);
-                        SET @ti_guard_statement = IF(LOCATE(CHAR(92 USING ascii), @ti_guard_statement) > 0, NULL,
-                            REGEXP_REPLACE(REGEXP_REPLACE(REGEXP_REPLACE(@ti_guard_statement, '(?i)[`"]next_method[`"]', 'next_method'), '(?i)[`"]start_date[`"]', 'start_date'), CONVERT(X'275b5e275d2a277c225b5e225d2a227c605b5e605d2a60' USING utf8mb4), ' '));
-                        SET @ti_guard_statement = REGEXP_SUBSTR(@ti_guard_statement, '(?is)^[[:space:]]*UPDATE[^[:alnum:]_$].*?[^[:alnum:]_$]SET[^[:alnum:]_$].*?[^[:alnum:]_$]WHERE[^[:alnum:]_$]');
-                        SET @ti_guard_set_state = CHAR_LENGTH(@ti_guard_statement) > 0 AND NOT (@ti_guard_statement REGEXP CONVERT(X'5b272260235d7c2f5b2a5d7c2d2d' USING utf8mb4))
-                            AND CHAR_LENGTH(REPLACE(@ti_guard_statement, '(', '')) = CHAR_LENGTH(REPLACE(@ti_guard_statement, ')', ''))
-                            AND NOT (@ti_guard_statement REGEXP '(?i)(^|[^[:alnum:]_$])(next_method|start_date)([^[:alnum:]_$]|$)');
+                        IF LOCATE(CHAR(92 USING ascii), @ti_guard_statement) = 0 THEN
+                            SET @ti_guard_statement = REGEXP_SUBSTR(REGEXP_REPLACE(REGEXP_REPLACE(REGEXP_REPLACE(@ti_guard_statement, '(?i)[`"]next_method[`"]', 'next_method'), '(?i)[`"]start_date[`"]', 'start_date'), CONVERT(X'275b5e275d2a277c225b5e225d2a227c605b5e605d2a60' USING utf8mb4), ' '), '(?is)^[^A-Za-z0-9_$]*UPDATE[^A-Za-z0-9_$].*?[^A-Za-z0-9_$]SET[^A-Za-z0-9_$].*?[^A-Za-z0-9_$]WHERE[^A-Za-z0-9_$]');
+                            SET @ti_guard_set_state = CHAR_LENGTH(@ti_guard_statement) > 0 AND CHAR_LENGTH(@ti_guard_statement) = LENGTH(@ti_guard_statement) AND NOT (@ti_guard_statement REGEXP CONVERT(X'5b272260235d7c2f5b2a5d7c2d2d' USING utf8mb4))
+                                AND CHAR_LENGTH(REPLACE(@ti_guard_statement, '(', '')) = CHAR_LENGTH(REPLACE(@ti_guard_statement, ')', ''))
+                                AND NOT (@ti_guard_statement REGEXP '(?i)(^|[^A-Za-z0-9_$])(next_method|start_date)([^A-Za-z0-9_$]|$)');
+                        END IF;
                     END;
                     IF @ti_guard_set_state THEN
                         SET @ti_guard_granted = FALSE;
@@ -185,7 +185,7 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_556eed0e', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_401ba42a', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');

@@ -3,7 +3,7 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_556eed0e;
+DROP TRIGGER IF EXISTS ti_guard_guard_401ba42a;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;
