@@ -60,8 +60,9 @@ def gap(conn: sa.Connection, account: str | None = None) -> str | None:
         off, instrument, actors = None, None, None
     if off:
         names = ", ".join(f"'{n}'" for n in sorted(off, key=CONSUMERS.index))
-        return (f"performance_schema consumer(s) {names} disabled: {LOST}; fix: UPDATE performance_schema.setup_consumers "
-                f"SET ENABLED='YES' WHERE NAME IN ({names}) (and performance-schema-consumer-... = ON in the option file)")
+        options = " ".join(f"performance-schema-consumer-{n.replace('_', '-')}=ON" for n in sorted(off, key=CONSUMERS.index))
+        return (f"performance_schema consumer(s) {names} disabled (MariaDB's default): {LOST}; fix: UPDATE performance_schema.setup_consumers "
+                f"SET ENABLED='YES' WHERE NAME IN ({names}), and {options} in the option file")
     if instrument == "NO":
         return f"performance_schema instrument {INSTRUMENT} disabled: {LOST}; fix: UPDATE performance_schema.setup_instruments SET ENABLED='YES' WHERE NAME='{INSTRUMENT}'"
     if actors == 0:
