@@ -5,10 +5,13 @@ triggers. MySQL has neither WHEN nor a column list, so the trigger body fires fo
 row of every UPDATE. A row that is not being set to skipped meets one small byte comparison
 and leaves; what that costs against an empty trigger is counted in benchmarks/NOTES.md.
 
-MySQL cannot see which columns a statement wrote, only values. The racy skip writer stamps
+A trigger sees values, not which columns a statement wrote. The racy skip writer stamps
 start_date and end_date with one `now`, so a skip whose end_date equals its start_date is
 not the attempt finishing itself even when a coarse clock puts that `now` on the very tick
-the task started.
+the task started. set_state_skip on Airflow 3 tables needs the column list: for the few rows
+whose values match it, the trigger reads the client's statement from performance_schema
+(`_signal`; docs/policy.md, "What MySQL can see of a statement"), and lets the row through
+where the server does not record it.
 
 The bypass counts for a session that asks for it (@ti_guard_bypass = 'on') and whose account
 holds TRIGGER on the table (it could drop the guard anyway): granted globally, on the database or
