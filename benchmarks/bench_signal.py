@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_signal.py                          # MySQL 9.7 and MariaDB, 50k rows, 7 rounds
     .venv/bin/python benchmarks/bench_signal.py --backends mysql9 --rows 2000 --rounds 1 --statements 20   # smoke
+    .venv/bin/python benchmarks/bench_signal.py --mariadb-callgrind   # MariaDB instructions per row (mechanism.py's counts), ~10 min
 
 Three triggers on one table, in one run, the order rotating per round: `before` is today's renderer
 with the statement signal taken out (the guard as it was: set_state_skip not installed on Airflow 3
@@ -151,14 +152,48 @@ def bench(backend: str, args) -> str:
         db.close()
 
 
+def counted(rows: int) -> str:
+    """mechanism.py's MariaDB counts (callgrind, a throwaway server) for the three triggers, plus
+    the two one-row skips that read the statement."""
+    import callgrind_mariadb
+    import mechanism
+    import sqlalchemy as sa
+
+    with callgrind_mariadb.server() as server:
+        db = bench_data.open_db("mysql", server.url)
+        try:
+            bench_data.grow(db, rows)
+            stmts = mechanism.statements(db, bench_data.fresh_runs(db, 10))
+            ids = bench_data.running_ids(db, mechanism.HEARTBEATS)
+            stmts["self-finish"] = [sa.text(SELF_FINISH.format(id=i)) for i in ids]
+            stmts["set_state"] = [sa.text(SET_STATE.format(id=i)) for i in ids]
+            lines = [f"{db.server_version()} under callgrind, {rows:,} rows, Ir per row (one-row statements: per statement)",
+                     "", "| trigger | " + " | ".join(stmts) + " |", "|---|" + "---|" * len(stmts)]
+            count = mechanism.mysql_counts(server)
+            for v in variants():
+                v.install(db.engine)
+                try:
+                    lines.append(f"| {v.key} | " + " | ".join(count(db, v, stmts).values()) + " |")
+                finally:
+                    v.remove(db.engine)
+            return "\n".join(lines)
+        finally:
+            db.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--mariadb-callgrind", action="store_true")
+    parser.add_argument("--mariadb-rows", type=int, default=5_000)
     parser.add_argument("--backends", default="mysql9,mysql")
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--statements", type=int, default=400)
     args = parser.parse_args()
     print(f"{platform.node()}: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
+    if args.mariadb_callgrind:
+        print(counted(args.mariadb_rows))
+        return 0
     for backend in args.backends.split(","):
         print()
         print(bench(backend, args))
