@@ -39,7 +39,7 @@ def gap(conn: sa.Connection, account: str | None = None) -> str | None:
         if account is None or _same_account(account, me):
             grants = "; ".join(f"GRANT SELECT ON {t} TO {_quoted(me)}" for t in TABLES)
             return f"the trigger's DEFINER {me} cannot read {' and '.join(TABLES)}: {LOST}; fix: {grants} (no reinstall needed)"
-        own = 0
+        own = None  # another account's trigger: this one may lack what its DEFINER has
     if own:
         return None
     try:
@@ -67,6 +67,9 @@ def gap(conn: sa.Connection, account: str | None = None) -> str | None:
         return f"performance_schema instrument {INSTRUMENT} disabled: {LOST}; fix: UPDATE performance_schema.setup_instruments SET ENABLED='YES' WHERE NAME='{INSTRUMENT}'"
     if actors == 0:
         return f"performance_schema.setup_actors instruments no account's threads: {LOST}; fix: UPDATE performance_schema.setup_actors SET ENABLED='YES' for Airflow's account"
+    if own is None:
+        return (f"cannot tell whether set_state_skip sees the statement's columns: this account cannot read {' and '.join(TABLES)}; "
+                f"run status as the trigger's DEFINER {account}")
     return (f"performance_schema does not record this connection's statement (setup_actors, or a thread set INSTRUMENTED='NO'; "
             f"performance_schema.setup_* unreadable here): {LOST} for such threads; fix: check performance_schema.setup_actors and threads.INSTRUMENTED")
 
