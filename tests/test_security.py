@@ -26,7 +26,7 @@ from ti_guard.db import make_engine, run_sql
 from ti_guard.policy import COUNTS_TABLE, RECORD_ROWS, RECORD_TABLE, Policy
 from ti_guard.runtime import bypass
 
-from conftest import SESSION, one_line_error
+from conftest import SESSION, one_line_error, sees_statement
 
 BASELINE = Path(__file__).parent / "security"
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -482,3 +482,52 @@ def test_no_account_but_the_guard_writes_the_record(server_db):
     with server_db.engine.connect() as conn:
         assert run_sql(conn, f"SELECT dag_id, rule FROM {RECORD_TABLE} WHERE seq IS NOT NULL").all() == [("d", "racy_skip")]
         assert run_sql(conn, f"SELECT SUM(refusals) FROM {COUNTS_TABLE}").scalar() == 1
+
+
+PLANTED = (
+    "CREATE FUNCTION PS_CURRENT_THREAD_ID() RETURNS BIGINT SQL SECURITY INVOKER READS SQL DATA "
+    "BEGIN SET @loot = (SELECT COUNT(*) FROM mysql.user); RETURN 0; END"
+)
+
+
+@pytest.mark.parametrize("trigger", ["naming PS_CURRENT_THREAD_ID()", "today"])
+def test_mysql_the_statement_is_read_through_no_name_a_writer_controls(mysql_db, trigger):
+    """set_state_skip's trigger reads the writer's statement from performance_schema as its DEFINER.
+    An account with Airflow's rights plus CREATE ROUTINE and CREATE TEMPORARY TABLES on the database
+    plants a stored function PS_CURRENT_THREAD_ID() (MariaDB has no such built-in: a trigger naming it
+    calls the planted one with the DEFINER's rights, the first leg, which reads mysql.user), shadows
+    the tables the guard reads with temporary ones and sets the guard's variables in its own
+    statement. Today's guard calls none of it and decides by the account's own statement."""
+    table = mysql_db.table()
+    with mysql_db.engine.begin() as conn:
+        conn.execute(table.insert().values(id="0" * 31 + "1", dag_id="d", task_id="t0", run_id="r", state="running", start_date=T0, try_number=1))
+    if trigger == "today":
+        mysql_db.install()
+    else:
+        mysql_db.sql("CREATE TRIGGER naive BEFORE UPDATE ON task_instance FOR EACH ROW SET @ti_guard_thread = PS_CURRENT_THREAD_ID()")
+    with _account(mysql_db, "SELECT", "UPDATE", "CREATE TEMPORARY TABLES") as (url, engine), mysql_db.trusting_function_creators():
+        name = sa.engine.make_url(url).username
+        mysql_db.sql(f"GRANT CREATE ROUTINE ON `{SESSION}`.* TO `{name}`@'%'")
+        with engine.connect() as conn:
+            with pytest.raises(sa.exc.DBAPIError, match="(?i)denied"):
+                run_sql(conn, "SELECT COUNT(*) FROM mysql.user")
+            for shadow in ("CREATE TEMPORARY TABLE performance_schema.threads (THREAD_ID bigint)",
+                           "SELECT COUNT(*) FROM performance_schema.events_statements_current"):
+                with pytest.raises(sa.exc.DBAPIError, match="(?i)denied"):
+                    run_sql(conn, shadow)
+            run_sql(conn, PLANTED)
+            for shadow in ("threads", "events_statements_current"):
+                run_sql(conn, f"CREATE TEMPORARY TABLE {shadow} (THREAD_ID bigint, PROCESSLIST_ID bigint, SQL_TEXT text, NESTING_EVENT_LEVEL int, END_EVENT_ID bigint)")
+            conn.commit()
+            conn.exec_driver_sql(
+                "UPDATE task_instance SET end_date = '2026-12-04 10:00:00', duration = 1.0, state = IF("
+                "(@ti_guard_set_state := TRUE) AND (@ti_guard_statement := 'UPDATE t SET next_method = 1 WHERE') IS NOT NULL, 'skipped', 'skipped') "
+                "WHERE dag_id = 'd'"
+            )
+            conn.commit()
+            loot = conn.exec_driver_sql("SELECT @loot").scalar()
+    naive_on_mariadb = trigger != "today" and mysql_db.server == "mysql"
+    # MariaDB resolves the name to the planted function and runs it as the DEFINER; MySQL calls its built-in.
+    assert (loot is not None) == naive_on_mariadb, loot
+    if trigger == "today":  # set_state's shape, whatever the session set: kept where the statement is read
+        assert _state(mysql_db, table) == ("running" if sees_statement(mysql_db) else "skipped")

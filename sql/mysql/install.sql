@@ -62,7 +62,7 @@ CREATE TABLE ti_guard_refusal_counts (
 
 DELIMITER //
 
-CREATE TRIGGER ti_guard_guard_1d0af741 BEFORE UPDATE ON task_instance FOR EACH ROW
+CREATE TRIGGER ti_guard_guard_d6165a37 BEFORE UPDATE ON task_instance FOR EACH ROW
 BEGIN
     IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
         IF CAST(NEW.state AS BINARY) = 'skipped' THEN
@@ -131,6 +131,51 @@ BEGIN
                     END IF;
                 END IF;
             END IF;
+            IF CAST(OLD.state AS BINARY) IN ('running') THEN
+                IF NEW.end_date IS NOT NULL AND NEW.start_date <=> OLD.start_date THEN
+                    SET @ti_guard_set_state = FALSE;
+                    BEGIN
+                        DECLARE EXIT HANDLER FOR SQLEXCEPTION SET @ti_guard_set_state = FALSE;
+                        SET @ti_guard_statement = (SELECT e.SQL_TEXT FROM performance_schema.events_statements_current e JOIN performance_schema.threads t ON t.THREAD_ID = e.THREAD_ID WHERE t.PROCESSLIST_ID = CONNECTION_ID() AND e.NESTING_EVENT_LEVEL = 0 AND e.END_EVENT_ID IS NULL);
+                        IF LOCATE(CHAR(92 USING ascii), @ti_guard_statement) = 0 THEN
+                            SET @ti_guard_statement = REGEXP_SUBSTR(REGEXP_REPLACE(REGEXP_REPLACE(REGEXP_REPLACE(@ti_guard_statement, '(?i)[`"]next_method[`"]', 'next_method'), '(?i)[`"]start_date[`"]', 'start_date'), CONVERT(X'275b5e275d2a277c225b5e225d2a227c605b5e605d2a60' USING utf8mb4), ' '), '(?is)^[^A-Za-z0-9_$]*UPDATE[^A-Za-z0-9_$].*?[^A-Za-z0-9_$]SET[^A-Za-z0-9_$].*?[^A-Za-z0-9_$]WHERE[^A-Za-z0-9_$]');
+                            SET @ti_guard_set_state = CHAR_LENGTH(@ti_guard_statement) > 0 AND CHAR_LENGTH(@ti_guard_statement) = LENGTH(@ti_guard_statement) AND NOT (@ti_guard_statement REGEXP CONVERT(X'5b272260235d7c2f5b2a5d7c2d2d' USING utf8mb4))
+                                AND CHAR_LENGTH(REPLACE(@ti_guard_statement, '(', '')) = CHAR_LENGTH(REPLACE(@ti_guard_statement, ')', ''))
+                                AND NOT (@ti_guard_statement REGEXP '(?i)(^|[^A-Za-z0-9_$])(next_method|start_date)([^A-Za-z0-9_$]|$)');
+                        END IF;
+                    END;
+                    IF @ti_guard_set_state THEN
+                        SET @ti_guard_granted = FALSE;
+                        IF @ti_guard_bypass <=> 'on' THEN
+                            SET @ti_guard_granted = EXISTS (SELECT 1 FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'task_instance' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1));
+                        END IF;
+                        IF NOT @ti_guard_granted THEN
+                            BEGIN
+                                DECLARE CONTINUE HANDLER FOR SQLEXCEPTION BEGIN END;
+                                SET @ti_guard_seq = UUID_SHORT();
+                                IF NOT (IS_USED_LOCK(CONCAT('ti_guard_lane_', COALESCE(@ti_guard_lane, -1))) <=> CONNECTION_ID()) THEN
+                                    SET @ti_guard_lane = 0, @ti_guard_tries = 1;
+                                    WHILE @ti_guard_tries <= 128 AND NOT (GET_LOCK(CONCAT('ti_guard_lane_', COALESCE(@ti_guard_lane, -1)), 0) <=> 1) DO
+                                        SET @ti_guard_lane = IF(@ti_guard_tries = 128, 128 + CONNECTION_ID(), (@ti_guard_lane + 1) MOD 128),
+                                            @ti_guard_tries = @ti_guard_tries + 1;
+                                    END WHILE;
+                                END IF;
+                                UPDATE ti_guard_refusals SET seq = @ti_guard_seq, refused_at = UTC_TIMESTAMP(6), rule = 'set_state_skip',
+                                    action = 'keep', old_state = OLD.state, new_state = NEW.state, dag_id = OLD.dag_id, task_id = OLD.task_id,
+                                    run_id = OLD.run_id, map_index = OLD.map_index, writer_user = USER(), writer_pid = CONNECTION_ID()
+                                WHERE @ti_guard_lane < 128 AND slot = @ti_guard_lane + 128 * (@ti_guard_seq MOD 78);
+                                INSERT INTO ti_guard_refusal_counts (day, rule, action, old_state, new_state, connection_id, bucket, refusals)
+                                VALUES (UTC_DATE(), 'set_state_skip', 'keep', OLD.state, NEW.state, @ti_guard_lane, @ti_guard_seq MOD 1000, 1)
+                                ON DUPLICATE KEY UPDATE refusals = refusals + 1;
+                            END;
+                            SET NEW.state = OLD.state,
+                                NEW.end_date = OLD.end_date,
+                                NEW.duration = OLD.duration,
+                                NEW.updated_at = OLD.updated_at;
+                        END IF;
+                    END IF;
+                END IF;
+            END IF;
         END IF;
         IF CAST(NEW.state AS BINARY) = 'scheduled' THEN
             IF CAST(OLD.state AS BINARY) IN ('running', 'success', 'failed') THEN
@@ -173,7 +218,7 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_1d0af741', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_d6165a37', CURRENT_TIMESTAMP);
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');

@@ -3,7 +3,7 @@ SET SESSION lock_wait_timeout = 2;
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_1d0af741;
+DROP TRIGGER IF EXISTS ti_guard_guard_d6165a37;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from . import catalog, installation
+from . import catalog, installation, statement_signal
 from .db import effective_lock_timeout
 from .errors import BINLOG_ADVICE, GuardError, explain
 from .policy import VERSION_TABLE, Policy
-from .render import dialect_name
+from .render import dialect_name, enforced_rules
 from .status import CRITICAL, OK, UNKNOWN, UNSAFE_SEARCH_PATH, WARNING, Report, dropped_columns
 
 TAGS = {OK: "[ok]  ", WARNING: "[warn]", CRITICAL: "[FAIL]", UNKNOWN: "[??]  "}
@@ -87,7 +87,7 @@ def diagnose(conn: sa.Connection, settings, policy: Policy, head: str) -> Checku
         table_error = None
     checks = {
         "postgresql": [_pg_server, _pg_table, _pg_privileges, _pg_security, _pg_lock_risk],
-        "mysql": [_mysql_server, _mysql_privileges, _mysql_binlog, _mysql_definers, _mysql_table, _mysql_lock_risk],
+        "mysql": [_mysql_server, _mysql_privileges, _mysql_binlog, _mysql_definers, _mysql_signal, _mysql_table, _mysql_lock_risk],
         "sqlite": [_sqlite],
     }[dialect_name(conn.dialect.name)]
     if table_error:
@@ -308,6 +308,13 @@ def _mysql_definers(p: Probe) -> None:
         p.report.say(CRITICAL, "definer", f"trigger {name} has DEFINER {definer}, an account that no longer exists: every UPDATE on {p.policy.table} fails (error 1449); recreate the account or the trigger (ti-guard install does it for its own)")
     if triggers and not dead:
         p.report.say(OK, "definer", "existing triggers: " + "; ".join(f"{t.name} by {t.definer}" for t in triggers))
+
+
+def _mysql_signal(p: Probe) -> None:
+    if p.columns is None or not statement_signal.uses_signal(enforced_rules("mysql", p.policy, p.columns)):
+        return
+    gap = statement_signal.gap(p.conn)
+    p.report.say(OK, "statement", gap or "performance_schema records the client's statement: set_state_skip tells TaskInstance.set_state from a task's own finish by its columns (next_method), as on PostgreSQL")
 
 
 def _mysql_table(p: Probe) -> None:

@@ -9,11 +9,18 @@ from __future__ import annotations
 import sys
 
 from . import docblock
-from .policy import RULES, SIGNATURES, WRITERS, rule_named
+from .policy import ENDS_WITHOUT_NEXT_METHOD, RULES, SIGNATURES, WRITERS, rule_named
 from .render import SUPPORTED, sees
 
 NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL", "sqlite": "SQLite"}
 PAGE = docblock.DOCS / "policy.md"
+# Where a backend sees a signature only as the server is configured (docs/policy.md, "What MySQL can see of a statement").
+WHERE_SEEN = {("mysql", ENDS_WITHOUT_NEXT_METHOD): "with performance_schema recording the statement, MySQL's default; else goes through, as on MariaDB by default"}
+
+
+def _name(backend: str, signature: str) -> str:
+    caveat = WHERE_SEEN.get((backend, signature))
+    return f"{NAMES[backend]} ({caveat})" if caveat else NAMES[backend]
 
 
 def verdict(rule_name, backend: str, generation: int = 3) -> str:
@@ -22,7 +29,9 @@ def verdict(rule_name, backend: str, generation: int = 3) -> str:
     rule = rule_named(rule_name).for_generation(generation)
     if rule.signature not in sees(backend):
         return "goes through (cannot be told apart here)"
-    return "refused (raise) / kept (ignore)" if rule.may_raise else "kept, every mode"
+    verdict = "refused (raise) / kept (ignore)" if rule.may_raise else "kept, every mode"
+    caveat = WHERE_SEEN.get((backend, rule.signature))
+    return f"{verdict} ({caveat})" if caveat else verdict
 
 
 def markdown() -> str:
@@ -34,7 +43,7 @@ def markdown() -> str:
     ]
     for r in RULES:
         olds = "protected states (default running, success, failed)" if r.old_states is None else ", ".join(r.old_states)
-        on = ", ".join(NAMES[b] for b in SUPPORTED if r.signature in sees(b))
+        on = ", ".join(_name(b, r.signature) for b in SUPPORTED if r.signature in sees(b))
         if r.signature_on_airflow_2:
             on = f"{on or 'none'} (3.x); " + ", ".join(NAMES[b] for b in SUPPORTED if r.signature_on_airflow_2 in sees(b)) + " (2.x)"
         gens = ", ".join(f"{g}.x" for g in r.airflow)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from . import catalog, record
+from . import catalog, record, statement_signal
 from .installation import definition_id, expected
 from .policy import VERSION_TABLE, Policy
-from .render import dialect_name
+from .render import dialect_name, enforced_rules
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 # A column of the row a trigger names: NEW.c / OLD.c in its body, or in an `UPDATE OF c` (SQLite's text).
@@ -108,6 +108,11 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
         report.worse(CRITICAL if finding.critical else WARNING, finding.line)
     if dialect_name(conn.dialect.name) == "mysql":
         _check_definers(conn, installed, report)
+        if statement_signal.uses_signal(enforced_rules("mysql", policy, columns)):
+            definer = next((o.definer for o in installed.values() if o.kind == "trigger" and o.definer), None)
+            gap = statement_signal.gap(conn, definer)
+            if gap:
+                report.note(gap)
     version = catalog.revision(conn, VERSION_TABLE, policy.db_schema)
     if head and version != head:
         report.worse(WARNING, f"migration revision is {version or 'none'}, head is {head}: run ti-guard install (or alembic upgrade head)")

@@ -59,9 +59,9 @@ EXPECTED = {
     (ALL, ALL, ALL, "timeout"): {"timeout": {"@run": "failed", "sleeps": "skipped"}},
     # Both tasks skip themselves (after a deferral; a soft_fail sensor timing out in reschedule mode).
     (ALL, ALL, ALL, "deferrable"): {"deferrable": {"@run": "success", "defer_then_skip": "skipped", "reschedule_soft_fail": "skipped"}},
-    # REST "mark as skipped" on a running TI: on PostgreSQL the guard leaves the row running (the
-    # call still answers 200: the ORM sees its 1 row) and the task runs on to success. MariaDB cannot
-    # tell that write from a task's own finish: there it goes through, as without the guard.
+    # REST "mark as skipped" on a running TI: on PostgreSQL (and MySQL 9.7, below) the guard leaves the
+    # row running (the call still answers 200: the ORM sees its 1 row) and the task runs on to success.
+    # MariaDB cannot tell that write from a task's own finish: there it goes through, as without the guard.
     (ALL, "postgresql", "raise", "rest_marks"): {"marks": {"long_skip": "success"}},
     (ALL, "postgresql", "ignore", "rest_marks"): {"marks": {"long_skip": "success"}},
     # The seed's race: with the guard, `join` keeps running and succeeds, and so does the run.
@@ -75,18 +75,29 @@ EXPECTED = {
     # join not success <=> its command did not run to the end), and the run ends success. Measured on
     # every version and backend of the matrix (docs/deployments.md, deployment block).
     (ALL, ALL, "none", "race"): _RACE_UNGUARDED,
-    # MySQL/MariaDB on Airflow 3: the scheduler's set_state(skipped) on the running join looks like a
-    # self-finish, so set_state_skip is not enforced there (docs/policy.md, "Policy"): the second writer still
-    # kills join, as without the guard (measured on 3.3.2, MariaDB and MySQL 9.7, both modes).
+    # MariaDB on Airflow 3 (performance_schema OFF, its default): the scheduler's set_state(skipped)
+    # on the running join has a self-finish's values and the statement cannot be read, so it goes
+    # through (docs/policy.md, "What MySQL can see of a statement"): the second writer still kills
+    # join, as without the guard (measured on 3.3.2, both modes).
     (ALL, "mysql", "raise", "race"): _RACE_UNGUARDED,
     (ALL, "mysql", "ignore", "race"): _RACE_UNGUARDED,
+    # MySQL 9.7 (performance_schema ON, its default): the trigger reads the scheduler's statement, sees
+    # no next_method in its SET list and keeps join, as on PostgreSQL; the REST mark of a running task
+    # is the same SQL and is kept too.
+    (ALL, "mysql9", "raise", "race"): _RACE_GUARDED,
+    (ALL, "mysql9", "ignore", "race"): _RACE_GUARDED,
+    (ALL, "mysql9", "raise", "rest_marks"): {"marks": {"long_skip": "success"}},
+    (ALL, "mysql9", "ignore", "rest_marks"): {"marks": {"long_skip": "success"}},
     # 3.1.8 raise: the branch's racy skip route is refused with an error: the branch task fails and
     # `other` ends upstream_failed (docs/policy.md, "Which mode"). Asserted, with the run.
     ("3.1.8", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
                                                "other": "upstream_failed"}},
-    # ... and on MariaDB the second writer (set_state, not enforced on MySQL) skips join anyway.
+    # ... and on MariaDB the second writer (set_state, which MariaDB cannot tell) skips join anyway;
+    # MySQL 9.7 keeps it as PostgreSQL does (the FULL matrix; not run for this change).
     ("3.1.8", "mysql", "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "skipped",
                                                    "other": "upstream_failed"}},
+    ("3.1.8", "mysql9", "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
+                                                    "other": "upstream_failed"}},
     # 2.11.2 raise: SkipMixin's racy UPDATE is refused with an error in the branch's own process: the
     # branch fails, `other` ends upstream_failed, and no skipmixin XCom is written, so no second writer.
     ("2.11.2", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",

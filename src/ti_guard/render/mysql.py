@@ -5,10 +5,13 @@ triggers. MySQL has neither WHEN nor a column list, so the trigger body fires fo
 row of every UPDATE. A row that is not being set to skipped meets one small byte comparison
 and leaves; what that costs against an empty trigger is counted in benchmarks/NOTES.md.
 
-MySQL cannot see which columns a statement wrote, only values. The racy skip writer stamps
+A trigger sees values, not which columns a statement wrote. The racy skip writer stamps
 start_date and end_date with one `now`, so a skip whose end_date equals its start_date is
 not the attempt finishing itself even when a coarse clock puts that `now` on the very tick
-the task started.
+the task started. set_state_skip on Airflow 3 tables needs the column list: for the few rows
+whose values match it, the trigger reads the client's statement from performance_schema
+(`_signal`; docs/policy.md, "What MySQL can see of a statement"), and lets the row through
+where the server does not record it.
 
 The bypass counts for a session that asks for it (@ti_guard_bypass = 'on') and whose account
 holds TRIGGER on the table (it could drop the guard anyway): granted globally, on the database or
@@ -32,6 +35,7 @@ from ..policy import (
     COUNT_BUCKETS,
     COUNTS_TABLE,
     ENDS_IN_ONE_STATEMENT,
+    ENDS_WITHOUT_NEXT_METHOD,
     LANES,
     RAISE,
     RECORD_ROWS,
@@ -55,10 +59,83 @@ _GRANTEE_IS_WRITER = (
 MESSAGE_VARIABLE = "@ti_guard_refusal"
 # MySQL caps MESSAGE_TEXT at 128 characters; run_id goes last because it is the longest.
 MESSAGE_LIMIT = 128
-# set_state_skip on Airflow 3 tables is not enforced: set_state and a task's own finish write the
-# same values. On Airflow 2 tables it is, by value: set_state sets end_date with the skip, a 2.x
-# task that skips itself writes the state alone (end_date unchanged) and end_date a commit later.
-SEES = frozenset({STAMPS_START, STAMPS_START_AND_DURATION, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT})
+# set_state_skip on Airflow 3 tables: set_state and a task's own finish write the same values, so
+# the values only select the rows worth a look at the client's statement (SIGNAL_* below), whose
+# column list tells them apart as PostgreSQL's `UPDATE OF next_method` does. On Airflow 2 tables
+# it is by value: set_state sets end_date with the skip, a 2.x task that skips itself writes the
+# state alone (end_date unchanged) and end_date a commit later.
+SEES = frozenset({STAMPS_START, STAMPS_START_AND_DURATION, BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD})
+
+
+# The client's statement that fired the trigger: its thread's level-0 statement event, still running
+# (a thread no longer instrumented keeps its last statement there, ended). The thread is
+# found through performance_schema.threads, not PS_CURRENT_THREAD_ID(): MariaDB has no such
+# function and would call a stored function of that name in the table's database, code anyone with
+# CREATE ROUTINE there could put in place to run with the trigger's DEFINER's rights.
+SIGNAL_STATEMENT = (
+    "SELECT e.SQL_TEXT FROM performance_schema.events_statements_current e"
+    " JOIN performance_schema.threads t ON t.THREAD_ID = e.THREAD_ID"
+    " WHERE t.PROCESSLIST_ID = CONNECTION_ID() AND e.NESTING_EVENT_LEVEL = 0 AND e.END_EVENT_ID IS NULL"
+)
+# A column of these named in the SET list: not set_state's write. next_method: a task's own finish
+# through the execution API (PostgreSQL's companion `UPDATE OF next_method` trigger); start_date:
+# the racy skip routes (racy_skip's, audited or kept by it already), which set_state never writes
+# on a started row.
+SIGNAL_COLUMNS = ("next_method", "start_date")
+# Characters of an unquoted MySQL identifier, ASCII ones: what may not touch a keyword or a column
+# name. Oracle MySQL's ICU builds a POSIX class such as [:alnum:], or a range past ASCII under (?i),
+# from Unicode properties each time the trigger runs (4.5 and 0.8 ms a statement against 0.3 ms,
+# measured); a SET list holding any character past ASCII is no signal instead (CHAR_LENGTH <> LENGTH).
+_WORD = "A-Za-z0-9_$"
+# A quoted identifier `next_method` (or "next_method" under ANSI_QUOTES) becomes the bare name, so
+# that stripping quoted tokens next cannot hide it (one pattern per column: MySQL and MariaDB write
+# back-references differently).
+SIGNAL_QUOTED_NAME = "(?i)[`\"]{}[`\"]"
+# String literals and quoted identifiers, leftmost first, so that a value never reads as SQL and a
+# quote inside a value never ends it. Backslash escapes are not modelled (their meaning depends on
+# the client's NO_BACKSLASH_ESCAPES): a statement holding a backslash is no signal.
+SIGNAL_QUOTED = "'[^']*'|\"[^\"]*\"|`[^`]*`"
+# Left in the SET list after stripping: an unterminated quote (a text cut inside a value at
+# performance_schema_max_sql_text_length, and the WHERE found after it is no keyword) or a comment
+# (possibly executable, /*! ... */): no signal. What follows the first WHERE cannot change the SET
+# list: quoted tokens are found from the left, so a text cut after it still tells.
+SIGNAL_UNSURE = "['\"`#]|/[*]|--"
+# The statement up to the end of its SET list: an UPDATE (not a CALL, not INSERT ... ON DUPLICATE
+# KEY UPDATE), its first SET keyword and its first WHERE keyword. A text cut before its WHERE has no
+# end of SET list: no signal.
+SIGNAL_SET_LIST = f"(?is)^[^{_WORD}]*UPDATE[^{_WORD}].*?[^{_WORD}]SET[^{_WORD}].*?[^{_WORD}]WHERE[^{_WORD}]"
+# One of them named as a column, bare or qualified (task_instance.next_method, ti . next_method).
+SIGNAL_NAMES = f"(?i)(^|[^{_WORD}])({'|'.join(SIGNAL_COLUMNS)})([^{_WORD}]|$)"
+
+
+def _signal(q: Quoter, action: str) -> str:
+    """The action, when the client's statement provably names neither SIGNAL_COLUMNS in its SET
+    list (TaskInstance.set_state's shape: state, end_date, duration, updated_at): a statement it
+    cannot read or not parse surely (performance_schema off, consumer or thread not instrumented, the
+    definer without SELECT on the two tables, a CALL, a cut text, a backslash, a comment, a SET list
+    whose parentheses do not pair, as with a WHERE of a subquery) leaves the row to go through, as
+    it went before; an error reading it does the same (the EXIT handler)."""
+    s = "@ti_guard_statement"
+    bare = s
+    for column in SIGNAL_COLUMNS:
+        bare = f"REGEXP_REPLACE({bare}, {_text(q, SIGNAL_QUOTED_NAME.format(column))}, {q.literal(column)})"
+    return (
+        "SET @ti_guard_set_state = FALSE;\n"
+        "BEGIN\n"
+        "    DECLARE EXIT HANDLER FOR SQLEXCEPTION SET @ti_guard_set_state = FALSE;\n"
+        f"    SET {s} = ({SIGNAL_STATEMENT});\n"
+        # NULL (nothing recorded) skips the rest; so does a backslash (SIGNAL_QUOTED).
+        f"    IF LOCATE(CHAR(92 USING ascii), {s}) = 0 THEN\n"
+        f"        SET {s} = REGEXP_SUBSTR(REGEXP_REPLACE({bare}, {_text(q, SIGNAL_QUOTED)}, ' '), {_text(q, SIGNAL_SET_LIST)});\n"
+        f"        SET @ti_guard_set_state = CHAR_LENGTH({s}) > 0 AND CHAR_LENGTH({s}) = LENGTH({s}) AND NOT ({s} REGEXP {_text(q, SIGNAL_UNSURE)})\n"
+        f"            AND CHAR_LENGTH(REPLACE({s}, '(', '')) = CHAR_LENGTH(REPLACE({s}, ')', ''))\n"
+        f"            AND NOT ({s} REGEXP {_text(q, SIGNAL_NAMES)});\n"
+        "    END IF;\n"
+        "END;\n"
+        "IF @ti_guard_set_state THEN\n"
+        + "\n".join("    " + line for line in action.splitlines())
+        + "\nEND IF;"
+    )
 
 
 def _nested(tests: list[str], action: str, depth: int = 1) -> str:
@@ -80,6 +157,9 @@ def _signature_test(signature: str, columns=None) -> str:
         return f"{stamps} AND {duration}" if duration else stamps
     if signature == ENDS_IN_ONE_STATEMENT:
         return "NEW.end_date IS NOT NULL AND NOT (NEW.end_date <=> OLD.end_date) AND NEW.start_date <=> OLD.start_date"
+    if signature == ENDS_WITHOUT_NEXT_METHOD:
+        # The rows set_state and a task's own finish both write; the statement tells them apart (_signal).
+        return "NEW.end_date IS NOT NULL AND NEW.start_date <=> OLD.start_date"
     if signature == BUMPS_TRY_NUMBER:
         # schedule_tis adds one to try_number of every row that is not up_for_reschedule.
         return "NOT (NEW.try_number <=> OLD.try_number)"
@@ -122,9 +202,13 @@ def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
         recorded = _record(q, rule.name, action)
         return recorded if action == AUDIT else f"{recorded}\n{keep(rule)}"
 
+    def guarded(rule, action: str) -> str:
+        body = _bypassable(q, act(rule, action))
+        return _signal(q, body) if rule.signature == ENDS_WITHOUT_NEXT_METHOD else body
+
     def rules_for(target: str) -> str:
         return "\n".join(
-            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature, columns)], _bypassable(q, act(rule, action)), 0)
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], guarded(rule, action), 0)
             for rule, olds, action in rules if rule.new_state == target
         )
 
