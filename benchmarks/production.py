@@ -90,8 +90,21 @@ def pooled_cost(variants) -> str:
     return f"Pooled, each variant's mean against none's mean: throughput {', '.join(parts)}; {spread} (lower / higher)."
 
 
+def attributed(variant: dict) -> list[dict]:
+    """The variant's kills. Results recorded before kills were matched to the attempt's own write
+    (try_number, bbae8b6) took a re-run's finish for the write that stopped a prod_long attempt; the
+    stale scheduler's own result says which runs it put back to scheduled, so those are its kills."""
+    stale = {w["run_id"] for w in variant.get("stale_writes", []) if (w.get("in_transaction") or {}).get("state") == "scheduled"}
+    out = []
+    for k in variant["kills"]:
+        if k["dag_id"] == "prod_long" and k["run_id"] in stale and k["route"] != "stale_schedule" and k["current_state"] in ("scheduled", "queued"):
+            k = {**k, "route": "stale_schedule", "writer": "stale-scheduler"}
+        out.append(k)
+    return out
+
+
 def render_deployment(res: dict) -> list[str]:
-    variants = res.get("variants", [])
+    variants = [{**v, "kills": attributed(v)} for v in res.get("variants", [])]
     names = list(dict.fromkeys(v["variant"] for v in variants))
     guarded = [n for n in names if n != "none"]
     head = (f"#### Airflow {res['version']}, {res.get('server', BACKEND_NAMES.get(res['backend'], res['backend']))}: "
