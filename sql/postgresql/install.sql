@@ -17,6 +17,7 @@ CREATE TABLE ti_guard_settings (
 	guarded_table VARCHAR(128) NOT NULL, 
 	definition VARCHAR(1000) NOT NULL, 
 	installed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
+	rules VARCHAR(400), 
 	PRIMARY KEY (id)
 );
 
@@ -169,10 +170,14 @@ CREATE TRIGGER ti_guard_stale_schedule_6ea43246 BEFORE UPDATE OF try_number ON t
     EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'stale_schedule');
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_f329f6fc,ti_guard_racy_skip_16dd8205,ti_guard_set_state_skip_finish_b788cf94,ti_guard_set_state_skip_keep_59cf29cc,ti_guard_stale_schedule_6ea43246', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_f329f6fc,ti_guard_racy_skip_16dd8205,ti_guard_set_state_skip_finish_b788cf94,ti_guard_set_state_skip_keep_59cf29cc,ti_guard_stale_schedule_6ea43246', CURRENT_TIMESTAMP, 'racy_skip,set_state_skip,stale_schedule');
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING ti_guard_alembic_version.version_num;
+
+-- Running upgrade 0001 -> 0002
+
+UPDATE ti_guard_alembic_version SET version_num='0002' WHERE ti_guard_alembic_version.version_num = '0001';
 
 COMMIT;
 

@@ -3,6 +3,10 @@ BEGIN;
 SET lock_timeout = '2000ms';
 
 
+-- Running downgrade 0002 -> 0001
+
+UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_version.version_num = '0002';
+
 -- Running downgrade 0001 -> 
 
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_6ea43246 ON task_instance;

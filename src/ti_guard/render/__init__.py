@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, Policy
+from ..policy import (
+    BUMPS_TRY_NUMBER,
+    COLUMN_SINCE,
+    ENDS_IN_ONE_STATEMENT,
+    ENDS_WITHOUT_NEXT_METHOD,
+    SIGNATURE_NEEDS,
+    STAMPS_START,
+    Policy,
+)
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -91,6 +99,28 @@ def sees(dialect: str) -> frozenset:
 
 def enforced_rules(dialect: str, policy: Policy, columns=None):
     return [entry for entry in policy.rules(columns) if entry[0].signature in sees(dialect)]
+
+
+def missing_columns(dialect: str, policy: Policy, columns) -> list[tuple[str, object]]:
+    """(column, rule) for each column that a rule this backend will install reads and the table lacks."""
+    have = {c.lower() for c in columns}
+    return [(SIGNATURE_NEEDS[rule.signature], rule) for rule, _, _ in enforced_rules(dialect, policy, columns) if SIGNATURE_NEEDS[rule.signature] not in have]
+
+
+def require_columns(dialect: str, policy: Policy, columns) -> None:
+    """Refuse, in one line naming the column, its rule and the Airflow release that has it, a table
+    that lacks a column a rule to be installed reads: before anything is made."""
+    for column, rule in missing_columns(dialect, policy, columns)[:1]:
+        raise GuardError(
+            f"table {policy.table!r} has no column {column}, which rule {rule.name} reads ({COLUMN_SINCE[column]}): "
+            f"point the URL at Airflow's metadata database, or switch the rule off ({rules_without(policy, [rule.name])})"
+        )
+
+
+def rules_without(policy: Policy, names) -> str:
+    """The option that installs the policy's rules less `names` (or, when none is left, the way to remove the guard)."""
+    others = [n for n in policy.switched_on if n not in names]
+    return f"--rules {','.join(others)}" if others else "ti-guard uninstall"
 
 
 # For backends that see which columns a statement writes: the column that carries a signature.
