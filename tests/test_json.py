@@ -13,7 +13,7 @@ import sys
 from conftest import seed_and_skip
 from ti_guard import cli
 
-COMMON = ["command", "code", "status", "summary", "url", "url_source", "generated_at", "mode", "protect", "schema", "table"]
+COMMON = ["command", "code", "status", "summary", "url", "url_source", "generated_at", "mode", "protect", "rules", "schema", "table"]
 
 
 def run_json(db, capsys, *args) -> tuple[int, dict]:
