@@ -16,7 +16,8 @@ Backend ids as in tests/conftest.py: `mysql` is MariaDB, `mysql9` Oracle MySQL 9
 for `mysql` holds for both (the guard's SQL is the same) unless a `mysql9` entry says otherwise.
 Airflow 2 runs as `airflow webserver` (REST API v1, basic auth) and `airflow scheduler` (LocalExecutor,
 its DAG parsing, LocalTaskJob heartbeats).
-TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first). Results go to
+TI_GUARD_DEPLOY_VARIANTS (default none,raise,ignore; none must come first; MODE-RULE installs MODE with
+that rule switched off, e.g. ignore-set_state_skip). Results go to
 TI_GUARD_DEPLOY_RESULTS (default .pytest_cache/ti-guard-deploy.json) for deploy_table.py.
 Work dirs (every component's log, task logs, markers) are kept when a check failed and named
 in the failure; otherwise deleted.
@@ -80,6 +81,10 @@ EXPECTED = {
     # kills join, as without the guard (measured on 3.3.2, MariaDB and MySQL 9.7, both modes).
     (ALL, "mysql", "raise", "race"): _RACE_UNGUARDED,
     (ALL, "mysql", "ignore", "race"): _RACE_UNGUARDED,
+    # The operator's choice (docs/policy.md, "Switching rules"): ignore with set_state_skip switched off
+    # lets the second writer through on every backend, so the race ends as without the guard; the
+    # REST mark of a running TI goes through too (no entry: as `none`).
+    (ALL, ALL, "ignore-set_state_skip", "race"): _RACE_UNGUARDED,
     # 3.1.8 raise: the branch's racy skip route is refused with an error: the branch task fails and
     # `other` ends upstream_failed (README, "Which mode"). Asserted, with the run.
     ("3.1.8", ALL, "raise", "race"): {"race": {"@run": "failed", "fast": "success", "branch": "failed", "join": "success",
