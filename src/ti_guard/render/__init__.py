@@ -15,12 +15,10 @@ import sqlalchemy as sa
 
 from ..errors import GuardError
 from ..policy import (
-    BUMPS_TRY_NUMBER,
     COLUMN_SINCE,
     ENDS_IN_ONE_STATEMENT,
     ENDS_WITHOUT_NEXT_METHOD,
     SIGNATURE_NEEDS,
-    STAMPS_START,
     Policy,
 )
 
@@ -123,8 +121,9 @@ def rules_without(policy: Policy, names) -> str:
     return f"--rules {','.join(others)}" if others else "ti-guard uninstall"
 
 
-# For backends that see which columns a statement writes: the column that carries a signature.
-SIGNATURE_COLUMN = {STAMPS_START: "start_date", BUMPS_TRY_NUMBER: "try_number", ENDS_IN_ONE_STATEMENT: "end_date"}
+# For backends that see which columns a statement writes: the column whose `UPDATE OF` carries a
+# signature (policy.SIGNATURE_NEEDS); "does not write next_method" is no `UPDATE OF` (postgresql.py marks it).
+SIGNATURE_COLUMN = {signature: column for signature, column in SIGNATURE_NEEDS.items() if signature != ENDS_WITHOUT_NEXT_METHOD}
 
 
 def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})") -> str:
