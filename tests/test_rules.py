@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from conftest import one_line_error, ordinary_writes_go_through, racy_skip_of_a_finished_row
 from test_install import alembic, objects, tables
+from test_security import BASELINE, _run_file
 from ti_guard import airflow_writes as aw
 from ti_guard import catalog
 from ti_guard.policy import RULE_NAMES, Policy
@@ -226,3 +227,27 @@ def test_offline_sql_from_0001_switches_the_objects(pg_db, capsys):
     code, out = _status(db, capsys)
     assert code == 0 and f"rules={WITHOUT_SET_STATE}" in out, out
     assert not [name for name in objects(db) if "set_state_skip" in name]
+
+
+@pytest.mark.parametrize("route", ["cli", "alembic"])
+def test_upgrade_from_an_earlier_release_records_every_rule_or_the_ones_named(server_db, capsys, route):
+    """0.4.0's guard as a DBA installed it (revision 0001, ti_guard_settings without `rules`): revision
+    0002 adds the column over it, records every rule unless told otherwise, keeps the recorded mode."""
+    db = server_db
+    table = db.table()
+    _run_file(db, BASELINE / f"{db.backend}-0.4.0-install.sql")
+    with db.engine.connect() as conn:
+        assert "rules" not in catalog.settings_columns(conn, Policy())
+        assert catalog.recorded_policy(conn, Policy()) == Policy.build(mode="ignore")  # 0.4.0 knew no rules: every rule
+    if route == "cli":
+        assert db.cli("install", "--rules=all,-set_state_skip") == 0
+        wanted = WITHOUT_SET_STATE
+    else:
+        alembic(db, "upgrade", "head")
+        wanted = EVERY
+    with db.engine.connect() as conn:
+        assert catalog.read_settings(conn, Policy())["rules"] == wanted
+    code, out = _status(db, capsys)
+    assert code == 0 and f"mode=ignore protect=running,success,failed rules={wanted}" in out, out
+    assert racy_skip_of_a_finished_row(db.engine, table) == (None, "success")
+    assert _set_state_skip_of_a_running_row(db, table) == (1, "running" if _enforced(db, table, wanted) else "skipped")
