@@ -42,10 +42,43 @@ def _set_state_skip_of_a_running_row(db, table) -> tuple[int, str]:
         return counted, conn.execute(sa.select(table.c.state).where(key)).scalar()
 
 
-def _enforced(db, table, rules=EVERY) -> bool:
-    """Whether this backend installs set_state_skip on this table."""
+def _enforced(db, table, rules=EVERY, name="set_state_skip") -> bool:
+    """Whether this backend installs rule `name` on this table."""
     columns = [c.name for c in table.c]
-    return any(rule.name == "set_state_skip" for rule, _, _ in enforced_rules(db.backend, Policy.build(rules=rules), columns))
+    return any(rule.name == name for rule, _, _ in enforced_rules(db.backend, Policy.build(rules=rules), columns))
+
+
+# Each rule's writer, at a running task: what it overwrites the row with.
+WRITERS = {
+    "racy_skip": (lambda table, key: aw.racy_skip(table, "d", "r", [("busy", -1)]), "skipped"),
+    "set_state_skip": (lambda table, key: aw.set_state(table, key, "skipped"), "skipped"),
+    "stale_schedule": (lambda table, key: aw.schedule_tis(table, key), "scheduled"),
+}
+
+
+def _write_at_a_running_row(db, table, rule: str) -> str:
+    key = aw.key_of(table, "d", "busy", "r")
+    _set_state_skip_of_a_running_row(db, table)  # seeds the running row (and skips it: reset below)
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(table).where(key).values(state="running", end_date=None))
+        conn.execute(WRITERS[rule][0](table, key))
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(table.c.state).where(key)).scalar()
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("shape", ["3.x", "2.x"])
+def test_each_rule_off_lets_its_writer_through_as_without_the_guard(db, shape, rule):
+    table = db.table(shape)
+    overwritten = WRITERS[rule][1]
+    assert _write_at_a_running_row(db, table, rule) == overwritten  # no guard
+    db.install("ignore")
+    assert _write_at_a_running_row(db, table, rule) == ("running" if _enforced(db, table, name=rule) else overwritten)
+    assert db.cli("install", f"--rules=all,-{rule}") == 0
+    assert _write_at_a_running_row(db, table, rule) == overwritten
+    others = [r for r in RULE_NAMES if r != rule and _enforced(db, table, name=r)]
+    for other in others:  # the rules left on still keep their writers' rows
+        assert _write_at_a_running_row(db, table, other) == "running", other
 
 
 def _status(db, capsys) -> tuple[int, str]:
