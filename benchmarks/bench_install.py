@@ -26,7 +26,7 @@ def quiet_install(db: BenchDB) -> float:
     """Seconds for the install with nothing else writing."""
     settings = _settings(db)
     began = time.perf_counter()
-    lifecycle.install(settings, explicit_policy=True)
+    lifecycle.install(settings)
     elapsed = time.perf_counter() - began
     lifecycle.uninstall(settings)
     return elapsed
@@ -54,7 +54,7 @@ def contended_install(db: BenchDB, writer_ids: list) -> dict:
         time.sleep(QUIET_BEFORE)
         began = time.perf_counter()
         try:
-            lifecycle.install(settings, explicit_policy=True)
+            lifecycle.install(settings)
         except Exception as exc:  # noqa: BLE001 - a failed install is a result, reported as such
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         ended = time.perf_counter()

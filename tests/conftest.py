@@ -57,8 +57,7 @@ def racy_skip_of_a_finished_row(engine, table) -> tuple[str | None, str]:
     """A finished task, then the pre-fix skip writer at it: (the error it met or None, the state that stays)."""
     with engine.begin() as conn:
         conn.execute(table.delete())
-        # hex: a reflected Airflow id on MySQL is CHAR(32) (SQLAlchemy's Uuid), which takes no dashes
-        conn.execute(table.insert().values(id=uuid.uuid4().hex, dag_id="d", task_id="t", run_id="r", state="success", try_number=1))
+        conn.execute(table.insert().values(**_row(table, task_id="t", state="success")))
     try:
         with engine.begin() as conn:
             conn.execute(aw.racy_skip(table, "d", "r", [("t", -1)]))
@@ -67,6 +66,13 @@ def racy_skip_of_a_finished_row(engine, table) -> tuple[str | None, str]:
         error = str(exc.orig)
     with engine.connect() as conn:
         return error, conn.execute(sa.select(table.c.state)).scalar()
+
+
+def _row(table, **values) -> dict:
+    """A task instance of run r of DAG d; Airflow 2 tables have no id."""
+    # hex: a reflected Airflow id on MySQL is CHAR(32) (SQLAlchemy's Uuid), which takes no dashes
+    row = dict(id=uuid.uuid4().hex, dag_id="d", run_id="r", try_number=1, **values)
+    return {k: v for k, v in row.items() if k in table.c}
 
 
 def seed_and_skip(engine, table) -> str:
@@ -81,9 +87,11 @@ def ordinary_writes_go_through(engine, table) -> None:
     finishes itself, skipped), each counting its row and landing; the row is removed afterwards."""
     key = aw.key_of(table, "d", "ordinary", "r")
     with engine.begin() as conn:
-        conn.execute(table.insert().values(id=uuid.uuid4().hex, dag_id="d", task_id="ordinary", run_id="r", state="queued", try_number=1))
+        conn.execute(table.insert().values(**_row(table, task_id="ordinary", state="queued")))
     try:
-        for write, state in ((aw.worker_start, "running"), (aw.heartbeat, "running"), (lambda t, k: aw.finish(t, k, "skipped"), "skipped")):
+        # Airflow 2 heartbeats its job row, not the task instance.
+        heartbeat = [(aw.heartbeat, "running")] if "last_heartbeat_at" in table.c else []
+        for write, state in ((aw.worker_start, "running"), *heartbeat, (lambda t, k: aw.finish(t, k, "skipped"), "skipped")):
             with engine.begin() as conn:
                 assert conn.execute(write(table, key)).rowcount == 1
                 assert conn.execute(sa.select(table.c.state).where(key)).scalar() == state

@@ -37,7 +37,7 @@ def test_ready_database_then_nothing_to_do(db, capsys):
     server_line = next(line for line in out.splitlines() if "server: " in line)
     assert SERVER_WORD[db.server] in server_line and "((" not in server_line, out
     assert "alembic_version is 29ce7909c52b" in out
-    assert "install would: run migration 0001" in out and "create trigger ti_guard_" in out
+    assert "install would: run migration 0002" in out and "create trigger ti_guard_" in out
     # The MySQL rollout rule (a live trigger switch deadlocked the 3.3.2 scheduler on MySQL 9.7), said there only.
     assert ("stop Airflow's schedulers for install, a mode switch and uninstall" in out) == (db.backend == "mysql"), out
     with db.engine.connect() as conn:  # doctor only reads

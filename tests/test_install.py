@@ -88,7 +88,7 @@ def test_alembic_current_history_heads_check_and_stamp(db):
     assert refused.returncode != 0 and "not up to date" in refused.stdout + refused.stderr
     assert tables(db) == set()  # the read-only commands created nothing
     alembic(db, "upgrade", "head")
-    assert alembic(db, "current").stdout.startswith("0001 (head)")
+    assert alembic(db, "current").stdout.startswith("0002 (head)")
     assert "(current)" in alembic(db, "history", "--indicate-current").stdout
     assert "No new upgrade operations detected" in alembic(db, "check").stdout
     installed = objects(db)
@@ -96,7 +96,7 @@ def test_alembic_current_history_heads_check_and_stamp(db):
     assert alembic(db, "current").stdout == "" and objects(db) == installed
     assert "ti_guard_alembic_version" not in tables(db)
     alembic(db, "stamp", "head")
-    assert alembic(db, "current").stdout.startswith("0001 (head)")
+    assert alembic(db, "current").stdout.startswith("0002 (head)")
     alembic(db, "downgrade", "base")
     assert objects(db) == {} and tables(db) == set()
 

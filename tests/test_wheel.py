@@ -79,11 +79,11 @@ def test_alembic_route_and_rollout_from_the_installed_wheel(wheel_venv, server):
         try:
             # The Alembic route: what every Alembic user types, from the packaged alembic.ini.
             assert run(wheel_venv, *x, "current") == ""
-            assert "<base> -> 0001 (head)" in run(wheel_venv, *x, "history")
+            assert "0001 -> 0002 (head)" in run(wheel_venv, *x, "history")
             review = run(wheel_venv, *x, "upgrade", "head", "--sql")
             assert "CREATE TRIGGER" in review and guard()[0] == {}  # printed, not run
             run(wheel_venv, *x, "upgrade", "head")
-            assert run(wheel_venv, *x, "current").startswith("0001 (head)") and guard()[0]
+            assert run(wheel_venv, *x, "current").startswith("0002 (head)") and guard()[0]
             run(wheel_venv, *x, "downgrade", "base")
             assert run(wheel_venv, *x, "current") == "" and guard() == ({}, {"task_instance", "alembic_version"})
 

@@ -15,6 +15,7 @@ CREATE TABLE ti_guard_settings (
 	guarded_table VARCHAR(128) NOT NULL, 
 	definition VARCHAR(1000) NOT NULL, 
 	installed_at DATETIME NOT NULL, 
+	rules VARCHAR(400), 
 	PRIMARY KEY (id)
 );
 
@@ -218,8 +219,12 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_d6165a37', CURRENT_TIMESTAMP);
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_d6165a37', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');
+
+-- Running upgrade 0001 -> 0002
+
+UPDATE ti_guard_alembic_version SET version_num='0002' WHERE ti_guard_alembic_version.version_num = '0001';
 

@@ -1,6 +1,10 @@
 SET SESSION lock_wait_timeout = 2;
 
 
+-- Running downgrade 0002 -> 0001
+
+UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_version.version_num = '0002';
+
 -- Running downgrade 0001 -> 
 
 DROP TRIGGER IF EXISTS ti_guard_guard_d6165a37;

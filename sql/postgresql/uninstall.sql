@@ -3,6 +3,10 @@ BEGIN;
 SET lock_timeout = '2000ms';
 
 
+-- Running downgrade 0002 -> 0001
+
+UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_version.version_num = '0002';
+
 -- Running downgrade 0001 -> 
 
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_6ea43246 ON task_instance;
@@ -14,7 +18,7 @@ DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_59cf29cc ON task_instance;
 DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_b788cf94 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_86bbc560 ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_0cd452b9 ON task_instance;
 
 
 DROP TRIGGER IF EXISTS ti_guard_racy_skip_363368d6 ON task_instance;

@@ -3,12 +3,16 @@ BEGIN;
 PRAGMA busy_timeout = 2000;
 
 
+-- Running downgrade 0002 -> 0001
+
+UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_version.version_num = '0002';
+
 -- Running downgrade 0001 -> 
 
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_7c868685;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_9b150d68;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_87d38699;
 
 
 DROP TRIGGER IF EXISTS ti_guard_racy_skip_1205bfa1;

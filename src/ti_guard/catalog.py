@@ -8,6 +8,8 @@ import sqlalchemy as sa
 
 from .errors import GuardError
 from .policy import PREFIX, REQUIRED_COLUMNS, SETTINGS_TABLE, Policy
+
+RULES_COLUMN = "rules"
 from .render import dialect_name
 
 
@@ -108,16 +110,36 @@ def settings_table(policy: Policy) -> sa.Table:
         sa.Column("guarded_table", sa.String(128), nullable=False),
         sa.Column("definition", sa.String(1000), nullable=False),
         sa.Column("installed_at", sa.DateTime, nullable=False),
+        # Revision 0002: the rules switched on. Absent (a guard at 0001) or NULL: every rule, as 0001 installed.
+        sa.Column(RULES_COLUMN, sa.String(400), nullable=True),
         schema=policy.db_schema,
     )
 
 
+def settings_columns(conn: sa.Connection, policy: Policy) -> set[str] | None:
+    """The columns ti_guard_settings has (None: no such table)."""
+    table = settings_table(policy)
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table.name, schema=table.schema):
+        return None
+    return {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+
+
 def read_settings(conn: sa.Connection, policy: Policy) -> dict | None:
     table = settings_table(policy)
-    if not sa.inspect(conn).has_table(table.name, schema=table.schema):
+    have = settings_columns(conn, policy)
+    if have is None:
         return None
-    row = conn.execute(sa.select(table).where(table.c.id == 1)).mappings().first()
+    row = conn.execute(sa.select(*(c for c in table.c if c.name in have)).where(table.c.id == 1)).mappings().first()
     return dict(row) if row else None
+
+
+def recorded_policy(conn: sa.Connection, policy: Policy, recorded: dict | None = None) -> Policy | None:
+    """The policy ti_guard_settings records (at `policy`'s schema and table), None when nothing is recorded."""
+    row = recorded if recorded is not None else read_settings(conn, policy)
+    if not row:
+        return None
+    return Policy.build(protect=row["protect"], mode=row["mode"], schema=policy.schema, table=policy.table, rules=row.get(RULES_COLUMN))
 
 
 def missing_definers(conn: sa.Connection, triggers) -> list[tuple[str, str]] | None:

@@ -14,7 +14,7 @@ from alembic.util import CommandError
 
 from . import config as config_mod
 from .errors import GuardError, explain
-from .policy import MODES
+from .policy import MODES, RULE_NAMES
 from .revisions import alembic_config
 
 EXIT_ERROR = 2
@@ -28,6 +28,7 @@ def _settings(args, need_url=True):
         schema=args.schema,
         mode=getattr(args, "mode", None),
         protect=getattr(args, "protect", None),
+        rules=getattr(args, "rules", None),
         table=args.table,
         lock_timeout=getattr(args, "lock_timeout", None),
         lock_retries=getattr(args, "lock_retries", None),
@@ -51,6 +52,7 @@ def envelope(command: str, settings, code: int, status: str, summary: str, polic
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "mode": policy.mode if policy else None,
         "protect": list(policy.protect) if policy else None,
+        "rules": list(policy.switched_on) if policy else None,
         "schema": settings.policy.schema,
         "table": settings.policy.table,
     }
@@ -77,7 +79,7 @@ def cmd_install(args) -> int:
     from .lifecycle import install
 
     settings = _settings(args)
-    return _changes("install", args, settings, install(settings, explicit_policy=args.mode is not None or args.protect is not None))
+    return _changes("install", args, settings, install(settings))
 
 
 def cmd_uninstall(args) -> int:
@@ -119,8 +121,7 @@ def cmd_doctor(args) -> int:
     from .lifecycle import doctor
 
     settings = _settings(args)
-    explicit = args.mode is not None or args.protect is not None
-    return _checked("doctor", settings, lambda: doctor(settings, explicit_policy=explicit), lambda r: f"ti-guard doctor on {settings.url_origin}", args.format)
+    return _checked("doctor", settings, lambda: doctor(settings), lambda r: f"ti-guard doctor on {settings.url_origin}", args.format)
 
 
 def cmd_report(args) -> int:
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         if policy:
             p.add_argument("--mode", choices=MODES, help="ignore (default): a refused row is kept as it was and recorded; raise: a racy skip route fails its statement (rules that Airflow's scheduler meets only ever keep); audit: every write goes through and each one the guard would refuse is recorded")
             p.add_argument("--protect", help="comma-separated states a skip may not overwrite (default running,success,failed)")
+            p.add_argument("--rules", help=f"comma-separated rules to install: {', '.join(RULE_NAMES)}; all (the default) for every rule, -NAME switches one off (all,-set_state_skip)")
         if lock:
             p.add_argument("--lock-timeout", type=float, help="seconds to wait for the table lock per attempt (default 2)")
             p.add_argument("--lock-retries", type=int, help="attempts before giving up (default 5)")

@@ -5,6 +5,7 @@ URL:    --url / -x url=, TI_GUARD_URL, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN (and 
 schema: --schema / -x schema=, TI_GUARD_SCHEMA, AIRFLOW__DATABASE__SQL_ALCHEMY_SCHEMA,
         [database] sql_alchemy_schema in airflow.cfg.
 mode:   --mode / -x mode=, TI_GUARD_MODE.  protect: --protect / -x protect=, TI_GUARD_PROTECT.
+rules:  --rules / -x rules=, TI_GUARD_RULES (policy.parse_rules: all, -set_state_skip, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import configparser
 import os
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -38,6 +39,17 @@ class Settings:
     lock_timeout: float = 2.0
     lock_retries: int = 5
     url_source: str = "--url"  # where the URL came from: a flag, an environment variable, airflow.cfg
+    # The policy's fields a flag, -x or an environment variable named: an install over a guard keeps
+    # the recorded value of every other one rather than reset it to the default.
+    named: frozenset = frozenset()
+
+    def over(self, recorded: Policy | None) -> Policy:
+        """The policy to install over a guard that records `recorded`: each of mode, protect and rules
+        as named (flag, -x, environment), else as recorded (an install does not reset what it was not
+        told), else the default."""
+        if recorded is None:
+            return self.policy
+        return replace(recorded, **{field: getattr(self.policy, field) for field in self.named})
 
     @property
     def safe_url(self) -> str:
@@ -147,6 +159,7 @@ def resolve(
     mode=None,
     protect=None,
     table=None,
+    rules=None,
     lock_timeout=None,
     lock_retries=None,
     env=os.environ,
@@ -159,17 +172,23 @@ def resolve(
         if schema is None:
             cfg = _airflow_cfg(env)
             schema = _from_cfg(cfg, "sql_alchemy_schema")
+    given = {
+        field: value if value is not None else env.get(variable)
+        for field, value, variable in (("protect", protect, "TI_GUARD_PROTECT"), ("mode", mode, "TI_GUARD_MODE"), ("switched_on", rules, "TI_GUARD_RULES"))
+    }
     policy = Policy.build(
-        protect=protect if protect is not None else env.get("TI_GUARD_PROTECT"),
-        mode=mode if mode is not None else env.get("TI_GUARD_MODE"),
+        protect=given["protect"],
+        mode=given["mode"],
         schema=schema,
         table=table if table is not None else env.get("TI_GUARD_TABLE"),
+        rules=given["switched_on"],
     )
     found, source = find_url(url, env, flag) if need_url or url else (None, "")
     return Settings(
         url=found,
         url_source=source,
         policy=policy,
+        named=frozenset(field for field, value in given.items() if value not in (None, "")),
         lock_timeout=_number(lock_timeout if lock_timeout is not None else env.get("TI_GUARD_LOCK_TIMEOUT"), 2.0, "lock timeout", float),
         lock_retries=_number(lock_retries if lock_retries is not None else env.get("TI_GUARD_LOCK_RETRIES"), 5, "lock retries", int),
     )

@@ -44,7 +44,7 @@ def _replay(engine, table, title: str, install_mode: str | None = None) -> None:
     print(f"\n== {title}")
     if install_mode:
         url = engine.url.render_as_string(hide_password=False)
-        outcome = install(resolve(url=url, mode=install_mode), explicit_policy=True)
+        outcome = install(resolve(url=url, mode=install_mode))
         for line in [*outcome.actions, outcome.summary]:
             print(f"  {line}")
     _seed(engine, table)

@@ -19,7 +19,7 @@ from . import catalog, installation, statement_signal
 from .db import effective_lock_timeout
 from .errors import BINLOG_ADVICE, GuardError, explain
 from .policy import VERSION_TABLE, Policy
-from .render import dialect_name, enforced_rules
+from .render import dialect_name, enforced_rules, require_columns
 from .status import CRITICAL, OK, UNKNOWN, UNSAFE_SEARCH_PATH, WARNING, Report, dropped_columns
 
 TAGS = {OK: "[ok]  ", WARNING: "[warn]", CRITICAL: "[FAIL]", UNKNOWN: "[??]  "}
@@ -125,6 +125,11 @@ def _airflow(p: Probe) -> None:
 def _plan(p: Probe, head: str) -> None:
     for obj, gone in dropped_columns(catalog.read(p.conn, p.policy), p.columns):
         p.report.say(CRITICAL, "guard", f"the guard is broken: {obj.kind} {obj.name} names column(s) {', '.join(gone)} that {p.policy.table} no longer has (the writes that reach them fail, or it guards nothing); install replaces it")
+    try:
+        require_columns(dialect_name(p.conn.dialect.name), p.policy, p.columns)
+    except GuardError as exc:
+        p.report.say(CRITICAL, "table", f"install would refuse: {exc}")
+        return
     steps, _ = installation.plan(p.conn, p.policy)
     version = catalog.revision(p.conn, VERSION_TABLE, p.policy.db_schema)
     actions = [step.describe(future=True) for step in steps]

@@ -19,7 +19,7 @@ from . import catalog, record
 from .airflow_shape import AIRFLOW_3_COLUMNS
 from .db import run_sql
 from .policy import Policy
-from .render import GuardObject, dialect_name, render
+from .render import GuardObject, dialect_name, render, require_columns
 
 
 def _dialect(op: Operations) -> str:
@@ -77,7 +77,9 @@ class Step:
 def plan(conn: sa.Connection, policy: Policy) -> tuple[list[Step], list[GuardObject]]:
     """The steps that bring this database to the policy's guard, new objects before old ones go."""
     dialect = conn.dialect
-    objects = expected(conn, policy, catalog.table_columns(conn, policy))
+    columns = catalog.table_columns(conn, policy)
+    require_columns(dialect_name(dialect.name), policy, columns)  # before anything is made: one line naming the column and its rule
+    objects = expected(conn, policy, columns)
     installed = catalog.read(conn, policy)
     orphaned = {name for name, _ in catalog.missing_definers(conn, installed.values()) or ()}
     # The record before the triggers that write it: on SQLite a trigger whose table is missing
@@ -266,6 +268,7 @@ def _settings_row(policy: Policy, objects, when) -> dict:
         "guarded_table": policy.table,
         "definition": definition_id(objects),
         "installed_at": when,
+        catalog.RULES_COLUMN: policy.rules_csv,
     }
 
 
@@ -276,8 +279,40 @@ def _record(op, conn, policy: Policy, settings: sa.Table, objects) -> None:
     current = catalog.read_settings(conn, policy)
     if current is None:
         conn.execute(settings.insert().values(row))
-    elif any(current[k] != v for k, v in row.items() if k not in ("installed_at",)):
+    elif any(current.get(k) != v for k, v in row.items() if k not in ("installed_at",)):
         conn.execute(settings.update().where(settings.c.id == 1).values(row))
+
+
+def add_rules_column(op: Operations, policy: Policy) -> None:
+    """Revision 0002: ti_guard_settings gains the rules switched on (0001's guard had every rule).
+    Online, a settings table made by this release's 0001 already has it."""
+    settings = catalog.settings_table(policy)
+    if _offline(op) or catalog.RULES_COLUMN not in (catalog.settings_columns(op.get_bind(), policy) or {catalog.RULES_COLUMN}):
+        op.add_column(settings.name, sa.Column(catalog.RULES_COLUMN, sa.String(400), nullable=True), schema=settings.schema)
+
+
+def drop_rules_column(op: Operations, policy: Policy) -> None:
+    settings = catalog.settings_table(policy)
+    if _offline(op) or catalog.RULES_COLUMN in (catalog.settings_columns(op.get_bind(), policy) or ()):
+        op.drop_column(settings.name, catalog.RULES_COLUMN, schema=settings.schema)
+
+
+def switch_offline(op: Operations, before: Policy, after: Policy) -> None:
+    """SQL for a DBA that turns the guard `before` renders into the one `after` renders: new objects
+    first, then the old ones dropped (as online), then the settings row."""
+    old, new = expected(op.get_context(), before), expected(op.get_context(), after)
+    kept = {o.name for o in old}
+    for obj in new:
+        if obj.name not in kept:
+            emit(op, obj.create, obj.compound)
+            for statement in obj.after:
+                emit(op, statement)
+    for obj in reversed(old):
+        if obj.name not in {o.name for o in new}:
+            emit(op, obj.drop)
+    settings = catalog.settings_table(after)
+    values = {"definition": definition_id(new), catalog.RULES_COLUMN: after.rules_csv}
+    emit(op, _compiled(op, settings.update().where(settings.c.id == 1).values(values)))
 
 
 def operations(conn: sa.Connection) -> Operations:

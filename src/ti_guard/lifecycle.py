@@ -84,13 +84,11 @@ def _differences(before: _Snapshot, after: _Snapshot) -> list[str]:
     return lines
 
 
-def install(settings, explicit_policy: bool) -> Outcome:
+def install(settings) -> Outcome:
     engine = _engine(settings, writes=True)
     try:
-        recorded = with_lock_retries(engine, settings, lambda conn: _recorded(conn, settings.policy))
-        if recorded and not explicit_policy:
-            # No --mode/--protect given: keep what is installed rather than reset it.
-            settings = replace(settings, policy=recorded)
+        recorded = with_lock_retries(engine, settings, lambda conn: catalog.recorded_policy(conn, settings.policy))
+        settings = replace(settings, policy=settings.over(recorded))
         before = with_lock_retries(engine, settings, lambda conn: _snapshot(conn, settings.policy))
         command.upgrade(alembic_config(settings), "head")
         try:
@@ -149,13 +147,13 @@ def _export(path: str, settings, rows: dict) -> None:
         raise GuardError(f"cannot write the record to {path}: {exc.strerror}; name a new file in a writable directory (nothing was removed)") from None
 
 
-def doctor(settings, explicit_policy: bool):
+def doctor(settings):
     from .doctor import diagnose
 
     engine = _engine(settings)
     try:
         with engine.connect() as conn:
-            policy = (None if explicit_policy else _recorded_or_none(conn, settings.policy)) or settings.policy
+            policy = settings.over(_recorded_or_none(conn, settings.policy))
             try:
                 return diagnose(conn, settings, policy, head_revision())
             finally:
@@ -166,7 +164,7 @@ def doctor(settings, explicit_policy: bool):
 
 def _recorded_or_none(conn, policy: Policy) -> Policy | None:
     try:
-        return _recorded(conn, policy)
+        return catalog.recorded_policy(conn, policy)
     except Exception:  # noqa: BLE001 - no table yet, no privilege: doctor reports those itself
         conn.rollback()
         return None
@@ -192,10 +190,3 @@ def report(settings, since):
             return gather(conn, found.policy or settings.policy, since, found)
     finally:
         engine.dispose()
-
-
-def _recorded(conn, policy: Policy) -> Policy | None:
-    row = catalog.read_settings(conn, policy)
-    if row is None:
-        return None
-    return Policy.build(protect=row["protect"], mode=row["mode"], schema=policy.schema, table=policy.table)

@@ -7,6 +7,8 @@ makes the migration give up instead of queueing writers behind it, and it is ret
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sqlalchemy as sa
 from alembic import context
 from alembic.util import CommandError
@@ -31,6 +33,7 @@ def settings_from_context():
         mode=x.get("mode"),
         protect=x.get("protect"),
         table=x.get("table"),
+        rules=x.get("rules"),
         lock_timeout=x.get("lock_timeout"),
         lock_retries=x.get("lock_retries"),
         need_url=not (context.is_offline_mode() and x.get("dialect")),
@@ -122,6 +125,11 @@ def _migrate(conn, settings, dialect: str) -> None:
     if target is not None and target is not READ_ONLY:
         # Upgrading: refuse a database that is not Airflow's before writing anything to it.
         catalog.table_columns(conn, settings.policy)
+        conn.rollback()
+    if target is not READ_ONLY:
+        # A revision over a guard in place (0002 re-renders it) keeps the recorded mode, protect
+        # list and rules that the command did not name, as ti-guard install does.
+        settings = replace(settings, policy=settings.over(catalog.recorded_policy(conn, settings.policy)))
         conn.rollback()
     # Read-only commands leave the database as it was: no version table either (check, history -i).
     _configure(settings, dialect, connection=conn, dont_mutate=target is READ_ONLY)

@@ -97,14 +97,25 @@ SIGNATURES = {
     BUMPS_TRY_NUMBER: "writes try_number (`DagRun.schedule_tis` always does; 3.3's human-in-the-loop "
     "resume, the one deliberate running -> scheduled, does not)",
 }
-# The column each signature is read from: a table without it (a migration dropped it) gets no such
-# rule, rather than a trigger that names a column the table lacks.
+# The column each signature is read from: the one place that decides which rule needs which column
+# (render.missing_columns). A table without it cannot have the rule: install refuses, naming the
+# column, the rule and the Airflow release that has it, rather than make a trigger that names a
+# column the table lacks; switching the rule off drops the requirement.
 SIGNATURE_NEEDS = {
     STAMPS_START: "start_date",
     STAMPS_START_AND_DURATION: "duration",
     ENDS_WITHOUT_NEXT_METHOD: "next_method",
     ENDS_IN_ONE_STATEMENT: "end_date",
     BUMPS_TRY_NUMBER: "try_number",
+}
+# Since when Airflow's task_instance has each of those columns (its migrations: next_method came with
+# deferrable operators in 2.2.0; the others are older than the 2.3 the guard needs anyway).
+COLUMN_SINCE = {
+    "start_date": "every Airflow release has it",
+    "end_date": "every Airflow release has it",
+    "try_number": "every Airflow release has it",
+    "next_method": "Airflow 2.2.0 and later have it",
+    "duration": "every Airflow release has it",
 }
 
 
@@ -263,6 +274,10 @@ WRITERS = (
 )
 
 
+RULE_NAMES = tuple(r.name for r in RULES)
+ALL_RULES = "all"
+
+
 def rule_named(name: str) -> Rule:
     return next(r for r in RULES if r.name == name)
 
@@ -279,9 +294,11 @@ class Policy:
     mode: str = DEFAULT_MODE
     schema: str | None = None
     table: str = DEFAULT_TABLE
+    # The rules the operator switched on (--rules, -x rules=, TI_GUARD_RULES), in RULES order.
+    switched_on: tuple[str, ...] = RULE_NAMES
 
     @classmethod
-    def build(cls, protect=None, mode=None, schema=None, table=None) -> "Policy":
+    def build(cls, protect=None, mode=None, schema=None, table=None, rules=None) -> "Policy":
         """Validate user input into a Policy; every refusal names the cause and the fix."""
         mode = (mode or DEFAULT_MODE).strip().lower()
         if mode not in MODES:
@@ -291,6 +308,7 @@ class Policy:
             mode=mode,
             schema=schema or None,
             table=table or DEFAULT_TABLE,
+            switched_on=parse_rules(rules),
         )
 
     @property
@@ -302,19 +320,24 @@ class Policy:
     def protect_csv(self) -> str:
         return ",".join(self.protect)
 
-    def describe(self) -> str:
-        return f"mode={self.mode} protect={self.protect_csv}"
+    @property
+    def rules_csv(self) -> str:
+        return ",".join(self.switched_on)
 
-    def rules(self, columns=None) -> list[tuple[Rule, tuple[str, ...], str]]:
-        """(rule, old states, action) for every rule that applies to this table and protect list."""
+    def describe(self) -> str:
+        return f"mode={self.mode} protect={self.protect_csv} rules={self.rules_csv}"
+
+    def _applicable(self, columns):
+        """(rule as installed on this table, its old states) for every rule switched on that applies here."""
         generation = airflow_generation(columns)
-        out = []
         for rule in RULES:
             olds = rule.olds(self.protect, generation)
-            installed = rule.for_generation(generation)
-            if olds and generation in rule.airflow and (columns is None or SIGNATURE_NEEDS[installed.signature] in columns):
-                out.append((installed, olds, self.action(rule)))
-        return out
+            if rule.name in self.switched_on and olds and generation in rule.airflow:
+                yield rule.for_generation(generation), olds
+
+    def rules(self, columns=None) -> list[tuple[Rule, tuple[str, ...], str]]:
+        """(rule, old states, action) for every rule switched on that applies to this table and protect list."""
+        return [(rule, olds, self.action(rule)) for rule, olds in self._applicable(columns)]
 
     def action(self, rule: Rule) -> str:
         if self.mode == "audit":
@@ -339,6 +362,28 @@ def parse_states(value) -> tuple[str, ...]:
     if not states:
         raise GuardError("the protect list is empty: name at least one state, e.g. running,success,failed")
     return tuple(s for s in AIRFLOW_STATES if s in states)
+
+
+def parse_rules(value) -> tuple[str, ...]:
+    """Turn 'all,-set_state_skip', 'racy_skip,stale_schedule' or '-set_state_skip' (a sequence too)
+    into the rules switched on, in RULES order: the names given (all: every rule; none given: every
+    rule), less those named with a leading '-'."""
+    if value is None or value == "":
+        return RULE_NAMES
+    items = [s.strip().lower() for s in (value.split(",") if isinstance(value, str) else value) if s and s.strip()]
+    off = {s[1:].strip() for s in items if s.startswith("-")}
+    on = {s for s in items if not s.startswith("-")}
+    unknown = sorted((on | off) - set(RULE_NAMES) - {ALL_RULES})
+    if unknown:
+        raise GuardError(
+            f"unknown rule(s) {', '.join(map(repr, unknown))}: the rules are {', '.join(RULE_NAMES)} "
+            f"(--rules, -x rules=, TI_GUARD_RULES take a comma-separated list; all = every rule, -name switches one off)"
+        )
+    chosen = set(RULE_NAMES) if not on or ALL_RULES in on else on
+    rules = tuple(r for r in RULE_NAMES if r in chosen and r not in off)
+    if not rules:
+        raise GuardError("no rule left switched on: name at least one of " + ", ".join(RULE_NAMES) + " (to remove the guard, ti-guard uninstall)")
+    return rules
 
 
 def short_hash(*parts: str) -> str:

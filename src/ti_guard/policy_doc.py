@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from . import docblock
-from .policy import ENDS_WITHOUT_NEXT_METHOD, RULES, SIGNATURES, WRITERS, rule_named
+from .policy import COLUMN_SINCE, ENDS_WITHOUT_NEXT_METHOD, RULES, SIGNATURE_NEEDS, SIGNATURES, WRITERS, rule_named
 from .render import SUPPORTED, sees
 
 NAMES = {"postgresql": "PostgreSQL", "mysql": "MySQL", "sqlite": "SQLite"}
@@ -34,12 +34,18 @@ def verdict(rule_name, backend: str, generation: int = 3) -> str:
     return f"{verdict} ({caveat})" if caveat else verdict
 
 
+def _reads(signature: str) -> str:
+    column = SIGNATURE_NEEDS[signature]
+    return f"`{column}` ({COLUMN_SINCE[column]})"
+
+
 def markdown() -> str:
     lines = [
-        "Rules (`src/ti_guard/policy.py`; each backend's SQL in `src/ti_guard/render/<backend>.py`):",
+        "Rules (`src/ti_guard/policy.py`; each backend's SQL in `src/ti_guard/render/<backend>.py`; each can be "
+        "switched off at install: `--rules`, docs/policy.md):",
         "",
-        "| rule | transition | why | told apart by | raise mode | Airflow tables | enforced on |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | transition | why | told apart by | column it reads (install refuses a table without it) | raise mode | Airflow tables | enforced on |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in RULES:
         olds = "protected states (default running, success, failed)" if r.old_states is None else ", ".join(r.old_states)
@@ -52,7 +58,10 @@ def markdown() -> str:
         told = f"the statement {SIGNATURES[r.signature]}"
         if r.signature_on_airflow_2:
             told = f"3.x: {told}; 2.x: the statement {SIGNATURES[r.signature_on_airflow_2]}"
-        lines.append(f"| `{r.name}` | {olds}{spared} -> {r.new_state} | {r.why} | {told} | {raises} | {gens} | {on} |")
+        reads = _reads(r.signature)
+        if r.signature_on_airflow_2:
+            reads = f"3.x: {reads}; 2.x: {_reads(r.signature_on_airflow_2)}"
+        lines.append(f"| `{r.name}` | {olds}{spared} -> {r.new_state} | {r.why} | {told} | {reads} | {raises} | {gens} | {on} |")
     lines += [
         "",
         "Every Airflow writer of those transitions (read from the 3.3.2, 3.1.8 and 2.11.2/2.10.5 sources):",

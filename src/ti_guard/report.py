@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from . import record
 from .errors import GuardError
-from .policy import RECORD_ROWS, Policy
+from .policy import RECORD_ROWS, RULE_NAMES, Policy
 from .render import dialect_name
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -125,6 +125,9 @@ def as_prometheus(report: Refusals) -> str:
         "# HELP ti_guard_mode The mode the guard runs in (1 for the current one).",
         "# TYPE ti_guard_mode gauge",
         *[f"ti_guard_mode{_labels({'mode': m})} {int(m == report.mode)}" for m in ("ignore", "raise", "audit")],
+        "# HELP ti_guard_rule The rules switched on at install (1) or off (0).",
+        "# TYPE ti_guard_rule gauge",
+        *[f"ti_guard_rule{_labels({'rule': r})} {int(bool(report.policy) and r in report.policy.switched_on)}" for r in RULE_NAMES],
         "# HELP ti_guard_record_details Refusal details the record holds (it keeps the latest ones up to its capacity).",
         "# TYPE ti_guard_record_details gauge",
         f"ti_guard_record_details {report.details_held}",
@@ -143,8 +146,8 @@ def _labels(values: dict) -> str:
 
 
 def as_text(report: Refusals, url: str) -> str:
-    mode = f", mode={report.mode}" if report.mode else ""
-    lines = [f"ti-guard report on {url}: {report.since} to {report.until}; guard {report.status}{mode}"]
+    policy = f", {report.policy.describe()}" if report.mode else ""
+    lines = [f"ti-guard report on {url}: {report.since} to {report.until}; guard {report.status}{policy}"]
     lines.append("")
     lines.append("Refusals by day, rule and old state (exact; action keep: the row was left as it was; audit: let through, would have been kept):")
     lines += _table(report.by_day, ("day", *COUNT_KEY, "refusals")) or ["  none"]

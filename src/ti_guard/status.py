@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from . import catalog, record, statement_signal
 from .installation import definition_id, expected
 from .policy import VERSION_TABLE, Policy
-from .render import dialect_name, enforced_rules
+from .render import dialect_name, enforced_rules, missing_columns, rules_without
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 # A column of the row a trigger names: NEW.c / OLD.c in its body, or in an `UPDATE OF c` (SQLite's text).
@@ -68,7 +68,7 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
     recorded = catalog.read_settings(conn, policy)
     installed = catalog.read(conn, policy)
     if recorded:
-        policy = Policy.build(protect=recorded["protect"], mode=recorded["mode"], schema=policy.schema, table=policy.table)
+        policy = catalog.recorded_policy(conn, policy, recorded)
     report.policy = policy
     if not installed and dialect_name(conn.dialect.name) == "mysql" and "TRIGGER" not in catalog.mysql_grants(conn, policy).table:
         # MySQL lists a table's triggers only to accounts that hold TRIGGER on it.
@@ -97,8 +97,11 @@ def check(conn: sa.Connection, policy: Policy, head: str | None) -> Report:
             report.worse(CRITICAL, f"trigger {obj.name} is disabled: nothing is guarded; run ti-guard install")
         elif have.public_execute:
             report.worse(WARNING, f"function {obj.name} may be executed by PUBLIC (EXECUTE had been granted to PUBLIC): run ti-guard install to revoke it")
+    lacking = [rule.name for _, rule in missing_columns(dialect_name(conn.dialect.name), policy, columns)]
+    # A column a rule switched on reads cannot come back by reinstalling: that rule has to go.
+    repair = f"run ti-guard install {rules_without(policy, lacking)} ({', '.join(lacking)} read it)" if lacking else "run ti-guard install"
     for have, gone in dropped_columns(installed, columns):
-        report.worse(CRITICAL, f"the guard is broken: {have.kind} {have.name} names column(s) {', '.join(gone)} that {policy.table} no longer has (the writes that reach them fail, or it guards nothing); run ti-guard install")
+        report.worse(CRITICAL, f"the guard is broken: {have.kind} {have.name} names column(s) {', '.join(gone)} that {policy.table} no longer has (the writes that reach them fail, or it guards nothing); {repair}")
     for have in installed.values():
         if have.kind == "function" and have.public_execute and UNSAFE_SEARCH_PATH in have.definition:
             report.worse(CRITICAL, f"function {have.name} (ti-guard 0.4.0) lets any role that can connect run its own code as the function's owner (SECURITY.md): run ti-guard install now")

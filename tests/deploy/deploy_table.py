@@ -125,7 +125,8 @@ def _race_notes(dep, variants) -> list[str]:
         m = case.get("markers", {})
         ran = "ran its 40 s to the end" if m.get("join_finished") else "was stopped before its end"
         out.append(f"- race, {v}: `join` {join.get('state')} after {join.get('seconds')} s, {ran}; "
-                   f"run {case.get('final', {}).get('race', {}).get('run')}; when the branch decided, {m.get('branch_decided') or 'nothing recorded'}.")
+                   f"run {case.get('final', {}).get('race', {}).get('run')} (its callback: {m.get('run_callback') or 'none seen'}); "
+                   f"when the branch decided, {m.get('branch_decided') or 'nothing recorded'}.")
     recorded = {v: dep["variants"][v].get("recorded") for v in variants if dep["variants"][v].get("recorded")}
     if recorded:
         out.append("- the guard's record, all cases of the variant (rule action: writes): "

@@ -404,11 +404,14 @@ class Deployment:
     # -- the guard ---------------------------------------------------------------------------
 
     def guard(self, variant: str) -> dict:
-        """`ti-guard uninstall` for none, `ti-guard install --mode X` otherwise; then `ti-guard status`."""
-        args = ["uninstall", "--url", self.url] if variant == "none" else ["install", "--url", self.url, "--mode", variant]
+        """`ti-guard uninstall` for none, `ti-guard install --mode X --rules all` for X, and for
+        X-RULE `--rules all,-RULE` (X with that rule switched off); then `ti-guard status`."""
+        mode, _, off = variant.partition("-")
+        rules = f"all,-{off}" if off else "all"
+        args = ["uninstall", "--url", self.url] if variant == "none" else ["install", "--url", self.url, "--mode", mode, "--rules", rules]
         done = self._ti_guard(*args)
         status = self._ti_guard("status", "--url", self.url)
-        return {"command": f"ti-guard {args[0]}" + ("" if variant == "none" else f" --mode {variant}"),
+        return {"command": f"ti-guard {args[0]}" + ("" if variant == "none" else f" --mode {mode} --rules {rules}"),
                 "rc": done.returncode, "output": (done.stdout + done.stderr).strip()[-2000:],
                 "status_rc": status.returncode, "status": (status.stdout + status.stderr).strip()[-2000:]}
 
@@ -709,10 +712,16 @@ def race(dep: Deployment, rid: str, out: dict):
     finally:
         run_id = run[1]
         decided = dep.markers / f"{run_id}.branch.decided"
+        # The run's callback runs after the run ends, in another component (3.x: the dag-processor).
+        callback = dep.markers / f"{run_id}.run_callback"
+        deadline = time.monotonic() + 30
+        while not callback.exists() and time.monotonic() < deadline:
+            time.sleep(1)
         out["markers"] = {
             "join_started": (dep.markers / f"{run_id}.join.started").exists(),
             "join_finished": (dep.markers / f"{run_id}.join.finished").exists(),
             "branch_decided": decided.read_text() if decided.exists() else None,
+            "run_callback": callback.read_text() if callback.exists() else None,
         }
 
 

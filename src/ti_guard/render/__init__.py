@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ..errors import GuardError
-from ..policy import BUMPS_TRY_NUMBER, ENDS_IN_ONE_STATEMENT, ENDS_WITHOUT_NEXT_METHOD, STAMPS_START, STAMPS_START_AND_DURATION, Policy
+from ..policy import (
+    COLUMN_SINCE,
+    ENDS_IN_ONE_STATEMENT,
+    ENDS_WITHOUT_NEXT_METHOD,
+    SIGNATURE_NEEDS,
+    STAMPS_START,
+    STAMPS_START_AND_DURATION,
+    Policy,
+)
 
 SUPPORTED = ("postgresql", "mysql", "sqlite")
 
@@ -93,15 +101,37 @@ def enforced_rules(dialect: str, policy: Policy, columns=None):
     return [entry for entry in policy.rules(columns) if entry[0].signature in sees(dialect)]
 
 
-# For backends that see which columns a statement writes: the column that carries a signature.
-SIGNATURE_COLUMN = {STAMPS_START: "start_date", STAMPS_START_AND_DURATION: "start_date", BUMPS_TRY_NUMBER: "try_number",
-                    ENDS_IN_ONE_STATEMENT: "end_date"}
+def missing_columns(dialect: str, policy: Policy, columns) -> list[tuple[str, object]]:
+    """(column, rule) for each column that a rule this backend will install reads and the table lacks."""
+    have = {c.lower() for c in columns}
+    return [(SIGNATURE_NEEDS[rule.signature], rule) for rule, _, _ in enforced_rules(dialect, policy, columns) if SIGNATURE_NEEDS[rule.signature] not in have]
+
+
+def require_columns(dialect: str, policy: Policy, columns) -> None:
+    """Refuse, in one line naming the column, its rule and the Airflow release that has it, a table
+    that lacks a column a rule to be installed reads: before anything is made."""
+    for column, rule in missing_columns(dialect, policy, columns)[:1]:
+        raise GuardError(
+            f"table {policy.table!r} has no column {column}, which rule {rule.name} reads ({COLUMN_SINCE[column]}): "
+            f"point the URL at Airflow's metadata database, or switch the rule off ({rules_without(policy, [rule.name])})"
+        )
+
+
+def rules_without(policy: Policy, names) -> str:
+    """The option that installs the policy's rules less `names` (or, when none is left, the way to remove the guard)."""
+    others = [n for n in policy.switched_on if n not in names]
+    return f"--rules {','.join(others)}" if others else "ti-guard uninstall"
+
+
+# For backends that see which columns a statement writes: the column whose `UPDATE OF` carries a
+# signature (policy.SIGNATURE_NEEDS); "does not write next_method" is no `UPDATE OF` (postgresql.py marks it).
+SIGNATURE_COLUMN = {signature: column for signature, column in SIGNATURE_NEEDS.items() if signature != ENDS_WITHOUT_NEXT_METHOD}
 
 
 def duration_test(signature: str, columns, same: str) -> str | None:
     """The value half that tells the two start_date stampers apart: the racy routes leave duration
     as it was, `TaskInstance.set_state` writes it. None where it does not apply (a table without
-    duration has only the racy rule: policy.SIGNATURE_NEEDS)."""
+    duration can have only the racy rule: stale_set_state_skip reads duration, policy.SIGNATURE_NEEDS)."""
     if columns is not None and "duration" not in columns:
         return None
     kept = same.format(a="NEW.duration", b="OLD.duration")

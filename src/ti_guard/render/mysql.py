@@ -194,6 +194,8 @@ def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
     # With rules for several new states, every row meets one IN test first; the rows being set
     # to one of them then meet that state's test and its rules.
     rules = enforced_rules("mysql", policy, columns)
+    if not rules:
+        return []  # every rule it could enforce here switched off: no trigger, not an empty one
     targets = list(dict.fromkeys(rule.new_state for rule, _, _ in rules))
 
     def act(rule, action: str) -> str:

@@ -104,7 +104,14 @@ def _decide_late(run_id, **_):
     return "other"
 
 
-with _dag("deploy_race"):
+def _run_callback(outcome):
+    """The DAG's run callback: writes which one fired (what an operator's alerting would see)."""
+    def callback(context):
+        Path(MARKERS, f"{context['dag_run'].run_id}.run_callback").write_text(outcome)
+    return callback
+
+
+with _dag("deploy_race", on_success_callback=_run_callback("success"), on_failure_callback=_run_callback("failure")):
     fast = BashOperator(task_id="fast", bash_command="sleep 1")
     join = BashOperator(task_id="join", bash_command=_marked("join", "sleep 40"), trigger_rule="one_success")
     branch = BranchPythonOperator(task_id="branch", python_callable=_decide_late)
