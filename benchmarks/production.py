@@ -85,9 +85,15 @@ def pooled_cost(variants) -> str:
     base_t, base_d = mean(nones, tput), mean(nones, p95)
     spread = (f"none vs none: throughput {min(map(tput, nones)) / max(map(tput, nones)):.2f}"
               if len(nones) > 1 else "one none variant: no spread measured")
-    parts = [f"{name} {ratio(mean(pooled(variants, name), tput), base_t)} (delay p95 {ratio(mean(pooled(variants, name), p95), base_d)})"
+    def ordinary(v):
+        return v["throughput"].get("ordinary_per_minute")
+
+    base_o = mean(nones, ordinary)
+    parts = [f"{name} {ratio(mean(pooled(variants, name), tput), base_t)}"
+             + (f", ordinary DAGs only {ratio(mean(pooled(variants, name), ordinary), base_o)}" if base_o else "")
+             + f" (delay p95 {ratio(mean(pooled(variants, name), p95), base_d)})"
              for name in dict.fromkeys(v["variant"] for v in variants) if name != "none"]
-    return f"Pooled, each variant's mean against none's mean: throughput {', '.join(parts)}; {spread} (lower / higher)."
+    return f"Pooled, each variant's mean against none's mean: throughput {'; '.join(parts)}; {spread} (lower / higher)."
 
 
 def attributed(variant: dict) -> list[dict]:
