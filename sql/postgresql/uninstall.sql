@@ -18,7 +18,7 @@ DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_59cf29cc ON task_instance;
 DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_b788cf94 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_0cd452b9 ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_86bbc560 ON task_instance;
 
 
 DROP TRIGGER IF EXISTS ti_guard_racy_skip_363368d6 ON task_instance;

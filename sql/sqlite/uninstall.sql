@@ -12,7 +12,7 @@ UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_ve
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_7c868685;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_87d38699;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_9b150d68;
 
 
 DROP TRIGGER IF EXISTS ti_guard_racy_skip_1205bfa1;

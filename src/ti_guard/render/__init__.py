@@ -125,7 +125,10 @@ def rules_without(policy: Policy, names) -> str:
 
 # For backends that see which columns a statement writes: the column whose `UPDATE OF` carries a
 # signature (policy.SIGNATURE_NEEDS); "does not write next_method" is no `UPDATE OF` (postgresql.py marks it).
+# stale_set_state_skip needs duration but fires on start_date, as racy_skip does: its WHEN tells
+# the two apart by duration (duration_test), the column list carries the start_date half.
 SIGNATURE_COLUMN = {signature: column for signature, column in SIGNATURE_NEEDS.items() if signature != ENDS_WITHOUT_NEXT_METHOD}
+SIGNATURE_COLUMN[STAMPS_START_AND_DURATION] = "start_date"
 
 
 def duration_test(signature: str, columns, same: str) -> str | None:
