@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ PAGE = REPO / "docs" / "production.md"
 BLOCK = re.compile(r"(<!-- production:begin[^>]*-->\n).*?(<!-- production:end -->)", re.S)
 LOCK = Path("/tmp/ti-guard-airflow.lock")
 DEFAULT_VARIANTS = "none,ignore,none,ignore,raise,audit"
-BACKEND_NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "mysql9": "MySQL 9.7"}
+BACKEND_NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "mysql9": "MySQL"}
 STATES = ("skipped", "scheduled", "failed")
 
 
@@ -113,7 +114,8 @@ def render_deployment(res: dict) -> list[str]:
     variants = [{**v, "kills": attributed(v)} for v in res.get("variants", [])]
     names = list(dict.fromkeys(v["variant"] for v in variants))
     guarded = [n for n in names if n != "none"]
-    head = (f"#### Airflow {res['version']}, {res.get('server', BACKEND_NAMES.get(res['backend'], res['backend']))}: "
+    server = res.get("server", "").split(" ", 1)[-1]  # deployment.server_version(): "<backend id> <version>"
+    head = (f"#### Airflow {res['version']}, {BACKEND_NAMES.get(res['backend'], res['backend'])} {server}: "
             f"{res['profile']['schedulers']} schedulers, {res['profile']['workers']} Celery workers x {res['profile']['worker_concurrency']}, "
             f"{res['seconds_per_variant']:.0f} s of load per variant ({', '.join(v['variant'] for v in variants)})")
     lines = [head, ""]
@@ -198,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=180, help="load per variant, before its runs drain")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/production.md from the stored results")
     args = parser.parse_args(argv)
+    # A SIGTERM unwinds like an error: the deployment's components are stopped and its database dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.render:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -211,7 +215,8 @@ def main(argv=None) -> int:
                 log(f"[production {item}] work dir {workdir}")
                 res = production.run_production(version, backend, conftest.SERVER_URLS[backend], variants, args.seconds, workdir)
                 res.update(machine=machine(), when=time.strftime("%Y-%m-%d"), workdir=str(workdir))
-                results[item] = res
+                # Read again before writing: another run may have stored its pairs meanwhile.
+                results = {**(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}), item: res}
                 RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
                 log(f"[production {item}] done in {res['seconds']:.0f} s" + (f": ERROR {res['error']}" if res.get("error") else ""))
         finally:

@@ -51,6 +51,7 @@ def _enforced(db, table, rules=EVERY, name="set_state_skip") -> bool:
 # Each rule's writer, at a running task: what it overwrites the row with.
 WRITERS = {
     "racy_skip": (lambda table, key: aw.racy_skip(table, "d", "r", [("busy", -1)]), "skipped"),
+    "stale_set_state_skip": (lambda table, key: aw.set_state_from_stale_copy(table, key, "skipped"), "skipped"),
     "set_state_skip": (lambda table, key: aw.set_state(table, key, "skipped"), "skipped"),
     "stale_schedule": (lambda table, key: aw.schedule_tis(table, key), "scheduled"),
 }
