@@ -322,3 +322,25 @@ def test_docs_policy_tables_are_generated_from_the_rules():
     block = docblock.read(policy_doc.PAGE, "policy")
     assert block is not None, "docs/policy.md lost its policy block"
     assert block == policy_doc.markdown(), "docs/policy.md's policy tables are stale: python -m ti_guard.policy_doc --docs"
+
+
+def test_a_skip_of_a_row_whose_duration_is_zero_is_kept_never_raised(db):
+    """set_state on a copy read before the start writes duration = 0; on a row whose duration was 0
+    already (an earlier skip, then a clear) the racy routes write the same values, so both are kept,
+    in raise mode too: the scheduler's write must never fail."""
+    table = db.table()
+
+    def seed():
+        _seed(db, table, "running", T0, None)
+        with db.engine.begin() as conn:
+            conn.execute(sa.update(table).where(aw.key_of(table, **KEY)).values(duration=0.0))
+        return _row(db, table)
+
+    writes = {"set_state on a stale copy": _stale_set_state("skipped"), "branch skip": _racy(LATER)}
+    for name, write in writes.items():
+        before = seed()
+        assert _apply(db, table, write) == 1 and _row(db, table) != before, f"without guard: {name}"
+    db.install(mode="raise")
+    for name, write in writes.items():
+        before = seed()
+        assert _apply(db, table, write) == 1 and _row(db, table) == before, name

@@ -63,12 +63,12 @@ CREATE TABLE ti_guard_refusal_counts (
 
 DELIMITER //
 
-CREATE TRIGGER ti_guard_guard_d6165a37 BEFORE UPDATE ON task_instance FOR EACH ROW
+CREATE TRIGGER ti_guard_guard_1684f395 BEFORE UPDATE ON task_instance FOR EACH ROW
 BEGIN
     IF CAST(NEW.state AS BINARY) IN ('skipped', 'scheduled') THEN
         IF CAST(NEW.state AS BINARY) = 'skipped' THEN
             IF CAST(OLD.state AS BINARY) IN ('running', 'success', 'failed') THEN
-                IF (NOT (NEW.start_date <=> OLD.start_date) OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)) AND NEW.duration <=> OLD.duration THEN
+                IF (NOT (NEW.start_date <=> OLD.start_date) OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)) AND NEW.duration <=> OLD.duration AND NOT (NEW.duration <=> 0) THEN
                     SET @ti_guard_granted = FALSE;
                     IF @ti_guard_bypass <=> 'on' THEN
                         SET @ti_guard_granted = EXISTS (SELECT 1 FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'task_instance' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1));
@@ -100,7 +100,7 @@ BEGIN
                 END IF;
             END IF;
             IF CAST(OLD.state AS BINARY) IN ('running', 'success', 'failed') THEN
-                IF (NOT (NEW.start_date <=> OLD.start_date) OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)) AND NOT (NEW.duration <=> OLD.duration) THEN
+                IF (NOT (NEW.start_date <=> OLD.start_date) OR (NOT (NEW.end_date <=> OLD.end_date) AND NEW.end_date <=> NEW.start_date)) AND NOT (NEW.duration <=> OLD.duration AND NOT (NEW.duration <=> 0)) THEN
                     SET @ti_guard_granted = FALSE;
                     IF @ti_guard_bypass <=> 'on' THEN
                         SET @ti_guard_granted = EXISTS (SELECT 1 FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.SCHEMA_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1)) OR EXISTS (SELECT 1 FROM information_schema.TABLE_PRIVILEGES WHERE PRIVILEGE_TYPE = 'TRIGGER' AND TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'task_instance' AND SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', 1) = SUBSTRING_INDEX(USER(), '@', 1) AND SUBSTRING_INDEX(USER(), '@', -1) LIKE SUBSTRING_INDEX(REPLACE(GRANTEE, CHAR(39 USING ascii), ''), '@', -1));
@@ -219,7 +219,7 @@ END
 DELIMITER ;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_d6165a37', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_1684f395', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001');

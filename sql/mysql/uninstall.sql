@@ -7,7 +7,7 @@ UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_ve
 
 -- Running downgrade 0001 -> 
 
-DROP TRIGGER IF EXISTS ti_guard_guard_d6165a37;
+DROP TRIGGER IF EXISTS ti_guard_guard_1684f395;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

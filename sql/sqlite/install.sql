@@ -63,8 +63,8 @@ CREATE TABLE ti_guard_refusal_counts (
 );
 
 
-CREATE TRIGGER ti_guard_racy_skip_1205bfa1 BEFORE UPDATE OF start_date ON task_instance
-FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NEW.duration IS OLD.duration
+CREATE TRIGGER ti_guard_racy_skip_b2e8baaf BEFORE UPDATE OF start_date ON task_instance
+FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NEW.duration IS OLD.duration AND NOT (NEW.duration IS 0)
 BEGIN
     UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
         rule = 'racy_skip', action = 'keep', old_state = OLD.state, new_state = NEW.state,
@@ -77,8 +77,8 @@ BEGIN
 END;
 
 
-CREATE TRIGGER ti_guard_stale_set_state_skip_9b150d68 AFTER UPDATE OF start_date ON task_instance
-FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NOT (NEW.duration IS OLD.duration)
+CREATE TRIGGER ti_guard_stale_set_state_skip_40795438 AFTER UPDATE OF start_date ON task_instance
+FOR EACH ROW WHEN NEW.state = 'skipped' AND OLD.state IN ('running', 'success', 'failed') AND NOT (NEW.duration IS OLD.duration AND NOT (NEW.duration IS 0))
 BEGIN
     UPDATE ti_guard_refusals SET seq = (SELECT COALESCE(MAX(seq), 0) + 1 FROM ti_guard_refusals), refused_at = strftime('%Y-%m-%d %H:%M:%f000', 'now'),
         rule = 'stale_set_state_skip', action = 'keep', old_state = OLD.state, new_state = NEW.state,
@@ -106,7 +106,7 @@ BEGIN
 END;
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_1205bfa1,ti_guard_stale_set_state_skip_9b150d68,ti_guard_stale_schedule_7c868685', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_racy_skip_b2e8baaf,ti_guard_stale_set_state_skip_40795438,ti_guard_stale_schedule_7c868685', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING version_num;

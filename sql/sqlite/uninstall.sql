@@ -12,10 +12,10 @@ UPDATE ti_guard_alembic_version SET version_num='0001' WHERE ti_guard_alembic_ve
 DROP TRIGGER IF EXISTS ti_guard_stale_schedule_7c868685;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_9b150d68;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_40795438;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_1205bfa1;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_b2e8baaf;
 
 
 DROP TABLE IF EXISTS ti_guard_refusals;

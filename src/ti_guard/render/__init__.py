@@ -137,11 +137,14 @@ def duration_test(signature: str, columns, same: str) -> str | None:
     duration can have only the racy rule: stale_set_state_skip reads duration, policy.SIGNATURE_NEEDS)."""
     if columns is not None and "duration" not in columns:
         return None
-    kept = same.format(a="NEW.duration", b="OLD.duration")
+    # set_state on a copy with no start_date writes duration = end - start = 0. A row whose duration
+    # was 0 already (an earlier skip, then a clear) cannot tell the two apart by value: it goes to
+    # the rule that keeps, never raises (the scheduler's write must not fail).
+    racy = f"{same.format(a='NEW.duration', b='OLD.duration')} AND NOT ({same.format(a='NEW.duration', b='0')})"
     if signature == STAMPS_START:
-        return kept
+        return racy
     if signature == STAMPS_START_AND_DURATION:
-        return f"NOT ({kept})"
+        return f"NOT ({racy})"
     return None
 
 
