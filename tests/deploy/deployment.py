@@ -238,7 +238,7 @@ class Deployment:
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.profile.worker_concurrency),
             })
         if self.backend in MYSQL_SERVERS:
-            # Who wrote a row (benchmarks/production.py's observer reads @tg_writer); PostgreSQL takes PGAPPNAME.
+            # Who wrote a row (production.py's observer trigger reads @tg_writer); PostgreSQL takes PGAPPNAME.
             self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "writer"), os.environ.get("PYTHONPATH")]))
             self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "ti_guard_writer.CONNECT_ARGS"
         if self.major == 2:  # the FAB auth manager (Airflow 2's default) brings `airflow users` and basic auth

@@ -47,7 +47,7 @@ LOAD = {"prod_fanout": 1, "prod_chain": 2, "prod_retry": 1, "prod_sensor": 1, "p
 RACE_DAGS = ("prod_branch_race", "prod_short_circuit_race", "prod_mapped_race", "prod_long")
 DELAY_DAGS = ("prod_fanout", "prod_chain")
 # The routes the guard stops on every backend; set_state_skip only where the backend can tell it apart.
-GUARDED_ROUTES = ("racy_skip", "stale_schedule")
+GUARDED_ROUTES = ("racy_skip", "stale_set_state_skip", "stale_schedule")
 STALE_EVERY = 30  # s between two stale schedule_tis calls on a running prod_long task (before 3.3 only)
 DRAIN_TIMEOUT = 420
 FINISHED = ("success", "failed")
@@ -66,13 +66,14 @@ OBSERVER = {
              id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),
              dag_id varchar(250), run_id varchar(250), task_id varchar(250), map_index integer,
              old_state varchar(20), new_state varchar(20), old_start timestamptz, new_start timestamptz,
-             old_end timestamptz, new_end timestamptz, old_try integer, new_try integer, writer varchar(64))""",
+             old_end timestamptz, new_end timestamptz, old_try integer, new_try integer, old_duration float, new_duration float,
+             writer varchar(64))""",
         """CREATE FUNCTION tg_bench_observe() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN
              INSERT INTO tg_bench_changes (dag_id, run_id, task_id, map_index, old_state, new_state, old_start, new_start,
-                                           old_end, new_end, old_try, new_try, writer)
+                                           old_end, new_end, old_try, new_try, old_duration, new_duration, writer)
              VALUES (NEW.dag_id, NEW.run_id, NEW.task_id, NEW.map_index, OLD.state, NEW.state, OLD.start_date, NEW.start_date,
-                     OLD.end_date, NEW.end_date, OLD.try_number, NEW.try_number, current_setting('application_name'));
+                     OLD.end_date, NEW.end_date, OLD.try_number, NEW.try_number, OLD.duration, NEW.duration, current_setting('application_name'));
              RETURN NULL;
            END $$""",
         """CREATE TRIGGER tg_bench_observe AFTER UPDATE ON task_instance FOR EACH ROW
@@ -83,14 +84,15 @@ OBSERVER = {
              id BIGINT AUTO_INCREMENT PRIMARY KEY, at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
              dag_id VARCHAR(250), run_id VARCHAR(250), task_id VARCHAR(250), map_index INTEGER,
              old_state VARCHAR(20), new_state VARCHAR(20), old_start DATETIME(6), new_start DATETIME(6),
-             old_end DATETIME(6), new_end DATETIME(6), old_try INTEGER, new_try INTEGER, writer VARCHAR(64))""",
+             old_end DATETIME(6), new_end DATETIME(6), old_try INTEGER, new_try INTEGER, old_duration DOUBLE, new_duration DOUBLE,
+             writer VARCHAR(64))""",
         """CREATE TRIGGER tg_bench_observe AFTER UPDATE ON task_instance FOR EACH ROW
            BEGIN
              IF NOT (OLD.state <=> NEW.state) THEN
                INSERT INTO tg_bench_changes (dag_id, run_id, task_id, map_index, old_state, new_state, old_start, new_start,
-                                             old_end, new_end, old_try, new_try, writer)
+                                             old_end, new_end, old_try, new_try, old_duration, new_duration, writer)
                VALUES (NEW.dag_id, NEW.run_id, NEW.task_id, NEW.map_index, OLD.state, NEW.state, OLD.start_date, NEW.start_date,
-                       OLD.end_date, NEW.end_date, OLD.try_number, NEW.try_number, @tg_writer);
+                       OLD.end_date, NEW.end_date, OLD.try_number, NEW.try_number, OLD.duration, NEW.duration, @tg_writer);
              END IF;
            END""",
     ],
@@ -217,7 +219,9 @@ def classify(change: dict | None) -> str:
         return "stale_schedule"
     if new == "skipped":
         if change["new_start"] != change["old_start"]:
-            return "racy_skip"
+            # set_state on a copy read before the start also writes duration (0); the racy routes never do.
+            stale_copy = change.get("new_duration") != change.get("old_duration") or change.get("new_duration") == 0
+            return "stale_set_state_skip" if stale_copy else "racy_skip"
         if change["new_end"] is None:
             return "dagrun_timeout"
         return "set_state_skip"
@@ -258,7 +262,8 @@ def kills(dep: Deployment, run_ids) -> list[dict]:
             # The write that moved this attempt off running: try_number is the attempt's number (2.10+,
             # 3.x); a later attempt's own finish must not be taken for it.
             row = conn.execute(sa.text(
-                "SELECT old_state, new_state, old_start, new_start, old_end, new_end, old_try, new_try, writer FROM tg_bench_changes "
+                "SELECT old_state, new_state, old_start, new_start, old_end, new_end, old_try, new_try, old_duration, new_duration, writer "
+                "FROM tg_bench_changes "
                 "WHERE dag_id = :d AND run_id = :r AND task_id = :t AND map_index = :m AND old_state = 'running' "
                 "ORDER BY CASE WHEN old_try = :a THEN 0 ELSE 1 END, id DESC"),
                 {"d": dag_id, "r": run_id, "t": task_id, "m": map_index, "a": attempt}).mappings().first()

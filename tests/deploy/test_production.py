@@ -32,8 +32,8 @@ VARIANTS = [v.strip() for v in os.environ.get("TI_GUARD_PRODUCTION_VARIANTS", "n
 SECONDS = float(os.environ.get("TI_GUARD_PRODUCTION_SECONDS", "180"))
 # Which routes each backend stops (docs/policy.md): set_state_skip needs the statement's column list,
 # which PostgreSQL's UPDATE OF gives and MySQL's trigger gets from performance_schema where it is on.
-STOPPED = {"postgresql": ("racy_skip", "stale_schedule", "set_state_skip"), "mysql9": ("racy_skip", "stale_schedule", "set_state_skip"),
-           "mysql": ("racy_skip", "stale_schedule")}
+STOPPED = {"postgresql": (*production.GUARDED_ROUTES, "set_state_skip"), "mysql9": (*production.GUARDED_ROUTES, "set_state_skip"),
+           "mysql": production.GUARDED_ROUTES}
 ORDINARY = [d for d in production.LOAD if d not in production.RACE_DAGS]
 
 
