@@ -92,6 +92,8 @@ def test_none_shows_the_race(prod):
 def test_guard_stops_every_guarded_route(prod):
     stopped = STOPPED[prod["backend"]]
     for v in _guarded(prod):
+        if v["variant"] == "audit":  # lets every write through by design; its record is checked below
+            continue
         leaked = [k for k in v["kills"] if k["route"] in stopped]
         _check(prod, not leaked, f"{v['variant']} #{v['index']}: attempts killed by routes the guard stops: {leaked}")
 
