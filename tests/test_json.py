@@ -12,6 +12,7 @@ import sys
 
 from conftest import seed_and_skip
 from ti_guard import cli
+from ti_guard.policy import RULE_NAMES
 
 COMMON = ["command", "code", "status", "summary", "url", "url_source", "generated_at", "mode", "protect", "rules", "schema", "table"]
 
@@ -46,7 +47,7 @@ def test_every_command_speaks_the_same_envelope(db, capsys):
     assert (status["code"], status["status"], status["mode"]) == (0, "installed/current", "audit")
     assert (rc_report, report["code"], report["status"], report["mode"]) == (0, 0, "installed/current", "audit")
     assert status["findings"] and all(set(f) == {"check", "level", "message"} for f in status["findings"] + doctor["findings"])
-    assert {"check": "install would", "level": "ok", "message": "do nothing: the guard is installed and current [mode=audit protect=running,success,failed rules=racy_skip,set_state_skip,stale_schedule]"} in doctor["findings"]
+    assert {"check": "install would", "level": "ok", "message": f"do nothing: the guard is installed and current [mode=audit protect=running,success,failed rules={','.join(RULE_NAMES)}]"} in doctor["findings"]
     since, until = with_offset(report["since"]), with_offset(report["until"])
     assert since < with_offset(report["latest"][0]["refused_at"]) <= until and with_offset(report["details_from"]) <= until
     assert [(t["old_state"], t["refusals"]) for t in report["totals"]] == [("success", 1)]

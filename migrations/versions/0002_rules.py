@@ -13,7 +13,7 @@ from dataclasses import replace
 from alembic import context, op
 
 from ti_guard import installation
-from ti_guard.migration_env import destination
+from ti_guard.migration_env import destination, version_column_as_text
 from ti_guard.policy import RULE_NAMES
 
 revision = "0002"
@@ -30,6 +30,7 @@ def _policies():
 
 def upgrade() -> None:
     policy, every = _policies()
+    version_column_as_text(op, policy)  # before Alembic's first UPDATE stamp (this revision's)
     if op.get_context().as_sql:
         # From base, 0001 has just printed this release's whole guard, rules column included.
         if context.get_starting_revision_argument() not in (None, "base"):

@@ -183,6 +183,8 @@ INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING ti_
 
 -- Running upgrade 0001 -> 0002
 
+ALTER TABLE ti_guard_alembic_version ALTER COLUMN version_num TYPE text;
+
 UPDATE ti_guard_alembic_version SET version_num='0002' WHERE ti_guard_alembic_version.version_num = '0001';
 
 COMMIT;

@@ -140,6 +140,16 @@ def _migrate(conn, settings, dialect: str) -> None:
         drop_version_table(conn, settings.policy)
 
 
+def version_column_as_text(op, policy) -> None:
+    """PostgreSQL: Alembic stamps a later revision with `UPDATE ... WHERE version_num = '0001'`, and
+    its varchar(32) column against an untyped literal lets an exact-match `=(varchar, varchar)` that a
+    role planted in a schema on the installer's search_path (public on PostgreSQL < 15) win over
+    pg_catalog's, running as the installer (tests/test_security.py). Against text, pg_catalog's
+    `text = text` is the exact match. Run before the first UPDATE stamp, online and offline alike."""
+    if op.get_context().dialect.name == "postgresql":
+        op.execute(f"ALTER TABLE {_version_table_sql(policy, 'postgresql')} ALTER COLUMN version_num TYPE text")
+
+
 def _version_table_sql(policy, dialect: str) -> str:
     from sqlalchemy.dialects import registry
 

@@ -210,7 +210,7 @@ def render(policy: Policy, columns=None, schema=None) -> list[GuardObject]:
 
     def rules_for(target: str) -> str:
         return "\n".join(
-            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature)], guarded(rule, action), 0)
+            _nested([f"{old_state} IN ({q.in_list(olds)})", _signature_test(rule.signature, columns)], guarded(rule, action), 0)
             for rule, olds, action in rules if rule.new_state == target
         )
 
