@@ -86,8 +86,9 @@ ENDS_IN_ONE_STATEMENT = "ends_in_one_statement"
 SIGNATURES = {
     STAMPS_START: "writes start_date and leaves duration (the racy skip routes stamp start_date = end_date = now "
     "and write nothing else)",
-    STAMPS_START_AND_DURATION: "writes start_date and a new duration (`TaskInstance.set_state` on an ORM copy read "
-    "before a worker started the row: the copy has no start_date, so set_state stamps one, then the duration)",
+    STAMPS_START_AND_DURATION: "writes start_date and a new duration, or a duration of 0 (`TaskInstance.set_state` on "
+    "an ORM copy read before a worker started the row: the copy has no start_date, so set_state stamps one and a "
+    "duration of 0; a row whose duration was 0 already cannot be told from a racy route, and is kept, never raised)",
     ENDS_WITHOUT_NEXT_METHOD: "sets end_date, keeps start_date and does not write next_method "
     "(`TaskInstance.set_state`; a task's own finish through Airflow 3's execution API always "
     "writes next_method = NULL)",
