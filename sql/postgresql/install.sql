@@ -146,15 +146,15 @@ $ti_guard_install$;
 REVOKE ALL ON FUNCTION ti_guard_guard_f329f6fc() FROM PUBLIC;
 
 
-CREATE TRIGGER ti_guard_racy_skip_dab44ea8 BEFORE UPDATE OF start_date ON task_instance
+CREATE TRIGGER ti_guard_racy_skip_699e452b BEFORE UPDATE OF start_date ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']) AND NEW.duration IS NOT DISTINCT FROM OLD.duration AND NOT (NEW.duration IS NOT DISTINCT FROM 0))
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']) AND NEW.duration IS NOT DISTINCT FROM OLD.duration AND NOT (NEW.duration IS NOT DISTINCT FROM CAST(0 AS double precision)))
     EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'racy_skip');
 
 
-CREATE TRIGGER ti_guard_stale_set_state_skip_01a4c91e BEFORE UPDATE OF start_date ON task_instance
+CREATE TRIGGER ti_guard_stale_set_state_skip_7b6d1126 BEFORE UPDATE OF start_date ON task_instance
     FOR EACH ROW
-    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']) AND NOT (NEW.duration IS NOT DISTINCT FROM OLD.duration AND NOT (NEW.duration IS NOT DISTINCT FROM 0)))
+    WHEN (NEW.state OPERATOR(pg_catalog.=) 'skipped' AND OLD.state OPERATOR(pg_catalog.=) ANY (ARRAY['running', 'success', 'failed']) AND NOT (NEW.duration IS NOT DISTINCT FROM OLD.duration AND NOT (NEW.duration IS NOT DISTINCT FROM CAST(0 AS double precision))))
     EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'stale_set_state_skip');
 
 
@@ -176,7 +176,7 @@ CREATE TRIGGER ti_guard_stale_schedule_6ea43246 BEFORE UPDATE OF try_number ON t
     EXECUTE FUNCTION ti_guard_guard_f329f6fc('keep', 'stale_schedule');
 
 
-INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_f329f6fc,ti_guard_racy_skip_dab44ea8,ti_guard_stale_set_state_skip_01a4c91e,ti_guard_set_state_skip_finish_b788cf94,ti_guard_set_state_skip_keep_59cf29cc,ti_guard_stale_schedule_6ea43246', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
+INSERT INTO ti_guard_settings (id, mode, protect, guarded_table, definition, installed_at, rules) VALUES (1, 'ignore', 'running,success,failed', 'task_instance', 'ti_guard_guard_f329f6fc,ti_guard_racy_skip_699e452b,ti_guard_stale_set_state_skip_7b6d1126,ti_guard_set_state_skip_finish_b788cf94,ti_guard_set_state_skip_keep_59cf29cc,ti_guard_stale_schedule_6ea43246', CURRENT_TIMESTAMP, 'racy_skip,stale_set_state_skip,set_state_skip,stale_schedule');
 
 
 INSERT INTO ti_guard_alembic_version (version_num) VALUES ('0001') RETURNING ti_guard_alembic_version.version_num;

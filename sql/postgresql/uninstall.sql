@@ -18,10 +18,10 @@ DROP TRIGGER IF EXISTS ti_guard_set_state_skip_keep_59cf29cc ON task_instance;
 DROP TRIGGER IF EXISTS ti_guard_set_state_skip_finish_b788cf94 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_01a4c91e ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_stale_set_state_skip_7b6d1126 ON task_instance;
 
 
-DROP TRIGGER IF EXISTS ti_guard_racy_skip_dab44ea8 ON task_instance;
+DROP TRIGGER IF EXISTS ti_guard_racy_skip_699e452b ON task_instance;
 
 
 DROP FUNCTION IF EXISTS ti_guard_guard_f329f6fc();

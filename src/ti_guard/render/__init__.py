@@ -131,7 +131,7 @@ SIGNATURE_COLUMN = {signature: column for signature, column in SIGNATURE_NEEDS.i
 SIGNATURE_COLUMN[STAMPS_START_AND_DURATION] = "start_date"
 
 
-def duration_test(signature: str, columns, same: str) -> str | None:
+def duration_test(signature: str, columns, same: str, zero: str = "0") -> str | None:
     """The value half that tells the two start_date stampers apart: the racy routes leave duration
     as it was, `TaskInstance.set_state` writes it (0 on a copy without a start). None where it does not apply (a table without
     duration can have only the racy rule: stale_set_state_skip reads duration, policy.SIGNATURE_NEEDS)."""
@@ -140,7 +140,7 @@ def duration_test(signature: str, columns, same: str) -> str | None:
     # set_state on a copy with no start_date writes duration = end - start = 0. A row whose duration
     # was 0 already (an earlier skip, then a clear) cannot tell the two apart by value: it goes to
     # the rule that keeps, never raises (the scheduler's write must not fail).
-    racy = f"{same.format(a='NEW.duration', b='OLD.duration')} AND NOT ({same.format(a='NEW.duration', b='0')})"
+    racy = f"{same.format(a='NEW.duration', b='OLD.duration')} AND NOT ({same.format(a='NEW.duration', b=zero)})"
     if signature == STAMPS_START:
         return racy
     if signature == STAMPS_START_AND_DURATION:
@@ -148,7 +148,8 @@ def duration_test(signature: str, columns, same: str) -> str | None:
     return None
 
 
-def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})", columns=None) -> str:
+def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", member: str = "{a} IN ({b})", columns=None,
+                   zero: str = "0") -> str:
     """A rule's WHEN condition for backends that see which columns a statement writes (the column
     half of the signature is the trigger's `UPDATE OF`). `same`, `equals` and `member` are the
     backend's null-safe equality, equality and list membership, with {a} and {b} for operands."""
@@ -157,7 +158,7 @@ def rule_condition(q: Quoter, rule, olds, same: str, equals: str = "{a} = {b}", 
     if rule.signature in (ENDS_WITHOUT_NEXT_METHOD, ENDS_IN_ONE_STATEMENT):
         kept = same.format(a="NEW.start_date", b="OLD.start_date")
         condition += f" AND NEW.end_date IS NOT NULL AND {kept}"
-    duration = duration_test(rule.signature, columns, same)
+    duration = duration_test(rule.signature, columns, same, zero)
     if duration:
         condition += f" AND {duration}"
     return condition

@@ -228,6 +228,9 @@ def render(policy: Policy, columns=None, schema: str | None = None) -> list[Guar
         condition = rule_condition(
             q, rule, olds, same="{a} IS NOT DISTINCT FROM {b}", equals="{a} OPERATOR(pg_catalog.=) {b}",
             member="{a} OPERATOR(pg_catalog.=) ANY (ARRAY[{b}])", columns=columns,
+            # float8 against float8: pg_catalog's `=` is the exact match (an integer 0 would bind a
+            # planted `=(float8, integer)` from the installer's search_path).
+            zero="CAST(0 AS double precision)",
         )
         if rule.signature in SIGNATURE_COLUMN:
             objects.append(trigger(rule.name, SIGNATURE_COLUMN[rule.signature], condition, action, rule.name))
