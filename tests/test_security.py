@@ -1,6 +1,7 @@
 """Attacks on the guard as an unprivileged role or account (SECURITY.md), each also run against
-0.4.0's SQL (tests/security/*-0.4.0-install.sql, as a DBA installed it), where it succeeded: that
-is what shows each test can fail.
+the SQL of an earlier version where it succeeded (tests/security/*-VERSION-install.sql, installed as a DBA
+would): 0.4.0, or commit aa2823e for the duration test added after 0.5.0. That is what shows each
+test can fail.
 
 PostgreSQL: the guard function runs as its owner (SECURITY DEFINER, for the record), so nothing in
 it may resolve a name through a path a caller controls: temporary objects, a dropped record, an
@@ -49,11 +50,11 @@ def _run_file(db, path: Path) -> None:
 
 
 def _install(db, version: str, mode: str = "ignore") -> None:
-    """Today's guard through the CLI, or 0.4.0's from its sql/ file (mode ignore)."""
-    if version == "0.4.0":
-        _run_file(db, BASELINE / f"{db.backend}-0.4.0-install.sql")
-    else:
+    """Today's guard through the CLI, or an earlier one from its sql/ file (mode ignore)."""
+    if version == "today":
         db.install(mode=mode)
+    else:
+        _run_file(db, BASELINE / f"{db.backend}-{version}-install.sql")
 
 
 def _seed(db, table, rows: int = 1, state: str = "success") -> None:
@@ -243,6 +244,32 @@ def test_pg_an_equality_operator_planted_before_install_is_not_bound_into_the_tr
             run_sql(conn, "UPDATE task_instance SET state = 'skipped', start_date = now(), end_date = now() WHERE task_id::text = 't0'")
         assert _state(pg_db, table) == "success"
         assert _superuser(pg_db, attacker) == (version == "0.4.0")
+
+
+@pytest.mark.parametrize("version", ["aa2823e", "today"])
+def test_pg_an_equality_operator_for_the_duration_test_planted_before_install_is_not_bound(pg_db, version):
+    """stale_set_state_skip tells set_state from the racy routes by duration, and `duration IS NOT
+    DISTINCT FROM 0` against an integer literal binds an exact-match `=(float8, integer)` from the
+    installer's search_path into the WHEN, run as whoever writes the row. Before the fix (commit
+    aa2823e, unreleased) it did; today the literal is float8, where pg_catalog's `=` matches exactly."""
+    table = pg_db.table()
+    pg_db.sql("GRANT CREATE ON SCHEMA public TO PUBLIC")
+    with _pg_role(pg_db) as (attacker, engine):
+        with engine.connect() as conn:
+            run_sql(
+                conn,
+                "CREATE FUNCTION public.evil_eq(float8, integer) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
+                f"EXECUTE format('ALTER ROLE %I SUPERUSER', '{attacker}'); RETURN $1 = $2::float8; "
+                "EXCEPTION WHEN insufficient_privilege THEN RETURN $1 = $2::float8; END $$",
+            )
+            run_sql(conn, "CREATE OPERATOR public.= (LEFTARG = float8, RIGHTARG = integer, FUNCTION = public.evil_eq)")
+        _install(pg_db, version)
+        _seed(pg_db, table)
+        with pg_db.engine.begin() as conn:  # a finished task has a duration, so the test reaches the operator
+            conn.execute(table.update().values(duration=42.0))
+            conn.execute(_racy(table))
+        assert _state(pg_db, table) == "success"
+        assert _superuser(pg_db, attacker) == (version == "aa2823e")
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "today"])
