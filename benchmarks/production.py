@@ -3,12 +3,14 @@ side by side on one live deployment (tests/deploy/production.py does the work). 
 
     .venv/bin/python benchmarks/production.py --matrix 3.3.2-postgresql,3.1.8-postgresql
     .venv/bin/python benchmarks/production.py --matrix 3.3.2-mysql9 --seconds 180 --variants none,ignore,none,ignore,raise,audit
+    .venv/bin/python benchmarks/production.py --matrix 3.3.2-postgresql --load ordinary --variants none,ignore,none,ignore
     .venv/bin/python benchmarks/production.py --render      # rewrite docs/production.md's block from the results
 
-Each deployment's result is stored in benchmarks/results/production.json under "<version>-<backend>"
-(a later run of the same pair replaces it); --render writes the block between the production markers
-of docs/production.md from that file. Airflow runs under the machine-wide lock of the suites
-(/tmp/ti-guard-airflow.lock), so two Airflow deployments never share the 2 cores of a CI machine.
+Each deployment's result is stored in benchmarks/results/production.json under "<version>-<backend>",
+or "<version>-<backend>-ordinary" with --load ordinary (a later run of the same key replaces it);
+--render writes the block between the production markers of docs/production.md from that file.
+Airflow runs under the machine-wide lock of the suites (/tmp/ti-guard-airflow.lock), so two Airflow
+deployments never share the 2 cores of a CI machine.
 """
 
 from __future__ import annotations
@@ -70,54 +72,51 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
-def pooled_cost(variants) -> str:
-    """Each variant's mean throughput and p95 delay against none's mean, beside none's own spread."""
+def _cpu(kind):
+    return lambda v: (v.get("cpu") or {}).get("ms_per_ti", {}).get(kind)
+
+
+# What each ratio in the pooled line compares, and how a variant's value is read.
+COSTS = {
+    "throughput": lambda v: v["throughput"]["per_minute"],
+    "ordinary DAGs only": lambda v: v["throughput"].get("ordinary_per_minute"),
+    "delay p95": lambda v: v["delay"].get("p95"),
+    "database CPU per TI": _cpu("database"),
+    "Airflow CPU per TI": _cpu("airflow"),
+}
+
+
+def pooled_cost(variants, load: str) -> str:
+    """Each variant's mean against none's mean, for every cost measured, beside none's own spread."""
     def mean(runs, pick):
         values = [pick(v) for v in runs if pick(v) is not None]
         return sum(values) / len(values) if values else None
 
-    def tput(v):
-        return v["throughput"]["per_minute"]
-
-    def p95(v):
-        return v["delay"].get("p95")
+    def spread(runs, pick):
+        values = [pick(v) for v in runs if pick(v) is not None]
+        return f"{min(values) / max(values):.2f}" if len(values) > 1 else None
 
     nones = pooled(variants, "none")
-    base_t, base_d = mean(nones, tput), mean(nones, p95)
-    spread = (f"none vs none: throughput {min(map(tput, nones)) / max(map(tput, nones)):.2f}"
-              if len(nones) > 1 else "one none variant: no spread measured")
-    def ordinary(v):
-        return v["throughput"].get("ordinary_per_minute")
-
-    base_o = mean(nones, ordinary)
-    parts = [f"{name} {ratio(mean(pooled(variants, name), tput), base_t)}"
-             + (f", ordinary DAGs only {ratio(mean(pooled(variants, name), ordinary), base_o)}" if base_o else "")
-             + f" (delay p95 {ratio(mean(pooled(variants, name), p95), base_d)})"
-             for name in dict.fromkeys(v["variant"] for v in variants) if name != "none"]
-    return f"Pooled, each variant's mean against none's mean: throughput {'; '.join(parts)}; {spread} (lower / higher)."
-
-
-def attributed(variant: dict) -> list[dict]:
-    """The variant's kills. Results recorded before kills were matched to the attempt's own write
-    (try_number, bbae8b6) took a re-run's finish for the write that stopped a prod_long attempt; the
-    stale scheduler's own result says which runs it put back to scheduled, so those are its kills."""
-    stale = {w["run_id"] for w in variant.get("stale_writes", []) if (w.get("in_transaction") or {}).get("state") == "scheduled"}
-    out = []
-    for k in variant["kills"]:
-        if k["dag_id"] == "prod_long" and k["run_id"] in stale and k["route"] != "stale_schedule" and k["current_state"] in ("scheduled", "queued"):
-            k = {**k, "route": "stale_schedule", "writer": "stale-scheduler"}
-        out.append(k)
-    return out
+    measured = {name: pick for name, pick in COSTS.items()
+                if mean(nones, pick) and not (load == "ordinary" and name == "ordinary DAGs only")}  # the same DAGs
+    parts = [f"{name}: " + ", ".join(f"{ratio(mean(pooled(variants, v), pick), mean(nones, pick))}" for v in dict.fromkeys(
+                 x["variant"] for x in variants) if v != "none") for name, pick in measured.items()]
+    order = ", ".join(v for v in dict.fromkeys(x["variant"] for x in variants) if v != "none")
+    spreads = [f"{name} {spread(nones, pick)}" for name, pick in measured.items() if spread(nones, pick)]
+    noise = f"none against none (lower / higher): {', '.join(spreads)}" if spreads else "one none variant: no spread measured"
+    return f"Pooled, each variant's mean against none's mean ({order}): {'; '.join(parts)}. {noise}."
 
 
 def render_deployment(res: dict) -> list[str]:
-    variants = [{**v, "kills": attributed(v)} for v in res.get("variants", [])]
+    variants = res.get("variants", [])
     names = list(dict.fromkeys(v["variant"] for v in variants))
     guarded = [n for n in names if n != "none"]
     server = res.get("server", "").split(" ", 1)[-1]  # deployment.server_version(): "<backend id> <version>"
     head = (f"#### Airflow {res['version']}, {BACKEND_NAMES.get(res['backend'], res['backend'])} {server}: "
             f"{res['profile']['schedulers']} schedulers, {res['profile']['workers']} Celery workers x {res['profile']['worker_concurrency']}, "
-            f"{res['seconds_per_variant']:.0f} s of load per variant ({', '.join(v['variant'] for v in variants)})")
+            f"{res['seconds_per_variant']:.0f} s of load per variant ({', '.join(v['variant'] for v in variants)})"
+            + ("; ordinary DAGs only, no race DAG: the guard keeps nothing, so the variants differ by the triggers' cost alone"
+               if res.get("load") == "ordinary" else ""))
     lines = [head, ""]
     if res.get("error"):
         lines += [f"**The run did not complete:** {res['error']}", ""]
@@ -139,8 +138,8 @@ def render_deployment(res: dict) -> list[str]:
         lines.append(f"| {state} | {route} ({writer}) | " + " | ".join(cells) + " |")
     lines += ["", "Cost to the scheduler, each variant beside the `none` before it (throughput: task instances finished per minute "
               "while the load ran; delay: a fan-out or chain task's start minus its last upstream's end):", "",
-              "| # | variant | TIs/min | vs none | delay p50 (s) | delay p95 (s) | p95 vs none | components exited | deadlock / lock-wait lines | guard's record |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| # | variant | TIs/min | vs none | delay p50 (s) | delay p95 (s) | p95 vs none | CPU ms per TI: database, Airflow | components exited | deadlock / lock-wait lines | guard's record |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     last_none = None
     for v in variants:
         tput, delay = v["throughput"]["per_minute"], v["delay"]
@@ -152,11 +151,13 @@ def render_deployment(res: dict) -> list[str]:
             p95 = ratio(delay.get("p95"), last_none["delay"].get("p95"))
         errors = sum(c["count"] for kind in v["log_errors"].values() for c in kind.values())
         recorded = ", ".join(f"{k} {n}" for k, n in sorted(v["recorded"].items())) or "-"
+        cpu = (v.get("cpu") or {}).get("ms_per_ti")
+        cpu = f"{cpu['database']}, {cpu['airflow']}" if cpu else "not measured"
         lines.append(f"| {v['index']} | {v['variant']} | {tput} | {vs} | {delay.get('p50', 'n/a')} | {delay.get('p95', 'n/a')} | {p95} | "
-                     f"{', '.join(v['exited']) or 'none'} | {errors} | {recorded} |")
+                     f"{cpu} | {', '.join(v['exited']) or 'none'} | {errors} | {recorded} |")
         if v["variant"] == "none":
             last_none = v
-    lines += ["", pooled_cost(variants)]
+    lines += ["", pooled_cost(variants, res.get("load", "full"))]
     # Outcomes that differ from none's.
     diffs = []
     nones = pooled(variants, "none")
@@ -198,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--matrix", default="3.3.2-postgresql", help="comma-separated <version>-<backend> (postgresql, mysql9, mysql)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--seconds", type=float, default=180, help="load per variant, before its runs drain")
+    parser.add_argument("--load", choices=("full", "ordinary"), default="full",
+                        help="ordinary: no race DAG, so the guard keeps nothing and the variants differ only by the triggers' cost "
+                             "(stored as <version>-<backend>-ordinary)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/production.md from the stored results")
     args = parser.parse_args(argv)
     # A SIGTERM unwinds like an error: the deployment's components are stopped and its database dropped.
@@ -213,10 +217,11 @@ def main(argv=None) -> int:
                     sys.exit(f"--matrix: unknown backend in {item!r}; use one of {', '.join(conftest.SERVER_URLS)}")
                 workdir = Path(tempfile.mkdtemp(prefix=f"ti-guard-production-{item}-"))
                 log(f"[production {item}] work dir {workdir}")
-                res = production.run_production(version, backend, conftest.SERVER_URLS[backend], variants, args.seconds, workdir)
+                res = production.run_production(version, backend, conftest.SERVER_URLS[backend], variants, args.seconds, workdir, args.load)
                 res.update(machine=machine(), when=time.strftime("%Y-%m-%d"), workdir=str(workdir))
                 # Read again before writing: another run may have stored its pairs meanwhile.
-                results = {**(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}), item: res}
+                key = item if args.load == "full" else f"{item}-{args.load}"
+                results = {**(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}), key: res}
                 RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
                 log(f"[production {item}] done in {res['seconds']:.0f} s" + (f": ERROR {res['error']}" if res.get("error") else ""))
         finally:

@@ -509,16 +509,19 @@ class Deployment:
     def log_offsets(self) -> dict:
         return {name: self.log_path(name).stat().st_size if self.log_path(name).exists() else 0 for name in self.components}
 
+    def new_log_lines(self, offsets: dict):
+        """(component, its log's lines written since `offsets`) for each component that has a log."""
+        for name in self.components:
+            path = self.log_path(name)
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(name, 0))
+                    yield name, f.read().decode(errors="replace").splitlines()
+
     def new_bad_lines(self, offsets: dict) -> dict:
         """component -> the lines matching BAD_LOG_LINES written since `offsets`, each with the line that follows."""
         out = {}
-        for name in self.components:
-            path = self.log_path(name)
-            if not path.exists():
-                continue
-            with open(path, "rb") as f:
-                f.seek(offsets.get(name, 0))
-                lines = f.read().decode(errors="replace").splitlines()
+        for name, lines in self.new_log_lines(offsets):
             hits = [" | ".join(lines[i:i + 1] + _last_line_of_traceback(lines, i)) for i, line in enumerate(lines) if BAD_LOG_LINES.search(line)]
             # A worker whose execution API call was answered with an error logs a traceback in the
             # scheduler's log (LocalExecutor workers are its children; Celery's in their worker's): a 409 when Airflow stopped its

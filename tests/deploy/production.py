@@ -18,7 +18,10 @@ logs and the database:
 - component exits, new tracebacks, deadlock and lock-wait errors in any component's log (and
   PostgreSQL's own deadlock counter);
 - task instances finished per minute, and the scheduling delay of the fan-out and chain DAGs (from the
-  last upstream's end, or the run's queued_at for a first task, to the task's start).
+  last upstream's end, or the run's queued_at for a first task, to the task's start);
+- CPU time per task instance finished, of the database server and of Airflow's components (each
+  process tree, from /proc): where the guard's work lands, and steadier than a closed loop's
+  throughput on 2 busy cores.
 
 `run_production` never raises: errors are recorded in the result. benchmarks/production.py runs the
 matrix and renders the tables; tests/deploy/test_production.py runs a short version in CI.
@@ -27,6 +30,7 @@ matrix and renders the tables; tests/deploy/test_production.py runs a short vers
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -141,11 +145,11 @@ def redis_db(python: str, action: str, db: int = 0) -> int:
 # == The workload ==================================================================================
 
 class Workload:
-    """Keeps LOAD's runs active through the REST API until `stop()`; on Airflow before 3.3, every
+    """Keeps `load`'s runs active through the REST API until `stop()`; on Airflow before 3.3, every
     STALE_EVERY s, a stale scheduler's schedule_tis over a running prod_long task."""
 
-    def __init__(self, dep: Deployment, prefix: str, stale: bool):
-        self.dep, self.prefix, self.stale = dep, prefix, stale
+    def __init__(self, dep: Deployment, prefix: str, stale: bool, load: dict):
+        self.dep, self.prefix, self.stale, self.load = dep, prefix, stale, load
         self.triggered: list[tuple[str, str]] = []
         self.errors: list[str] = []
         self.stale_writes: list[dict] = []
@@ -184,7 +188,7 @@ class Workload:
         while not self._stop.is_set():
             try:
                 active = self.active()
-                for dag_id, cap in LOAD.items():
+                for dag_id, cap in self.load.items():
                     for _ in range(cap - active[dag_id]):
                         n += 1
                         run_id = f"{self.prefix}{n:04d}"
@@ -341,15 +345,9 @@ def scheduling_delays(dep: Deployment, prefix: str) -> dict:
 def log_errors(dep: Deployment, offsets: dict) -> dict:
     """kind -> component -> matching lines written since `offsets`."""
     out: dict = {}
-    for name in dep.components:
-        path = dep.log_path(name)
-        if not path.exists():
-            continue
-        with open(path, "rb") as f:
-            f.seek(offsets.get(name, 0))
-            text = f.read().decode(errors="replace")
+    for name, lines in dep.new_log_lines(offsets):
         for kind, pattern in ERRORS.items():
-            hits = [line[:300] for line in text.splitlines() if pattern.search(line)]
+            hits = [line[:300] for line in lines if pattern.search(line)]
             if hits:
                 out.setdefault(kind, {})[name] = {"count": len(hits), "first": hits[:3]}
     return out
@@ -360,6 +358,56 @@ def pg_deadlocks(dep: Deployment):
         return None
     with dep.engine.connect() as conn:
         return conn.execute(sa.text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")).scalar()
+
+
+# MariaDB and MySQL 9.7 (tests/servers/mysql97.sh) each run one server process on this machine.
+SERVER_PROCESS = {"mysql": "mariadbd", "mysql9": "mysqld"}
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command name, CPU seconds of the process and of the children it reaped)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:  # gone since the scan
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(entry.name)] = (int(fields[1]), comm, sum(int(f) for f in fields[11:15]) / tick)
+    return out
+
+
+def _tree_cpu(procs: dict, roots) -> float:
+    """CPU seconds of the live processes under `roots` and of every child they reaped: a process that
+    ended during the window moves from its own count into its parent's, so differences stay exact."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _comm, _cpu) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), [r for r in roots if r in procs]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    return sum(procs[pid][2] for pid in seen)
+
+
+def cpu_seconds(dep: Deployment) -> dict:
+    """CPU seconds so far of the database server (PostgreSQL: the postmaster's tree; MySQL: its one
+    process) and of Airflow's components (each one's process tree: Celery's pool, the task processes)."""
+    if dep.backend == "postgresql":
+        with dep.engine.connect() as conn:  # the postmaster is this connection's parent process
+            backend = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            procs = _processes()
+        servers = [procs[backend][0]]
+    else:
+        procs = _processes()
+        servers = [pid for pid, (_ppid, comm, _cpu) in procs.items() if comm == SERVER_PROCESS[dep.backend]]
+    return {"database": _tree_cpu(procs, servers), "airflow": _tree_cpu(procs, [p.pid for p in dep.procs.values()])}
 
 
 def guard_report(dep: Deployment) -> object:
@@ -373,9 +421,18 @@ def guard_report(dep: Deployment) -> object:
 
 # == One deployment, every variant ===================================================================
 
-def run_production(version: str, backend: str, admin_url: str, variants, seconds: float, workdir: Path) -> dict:
+def loads(name: str) -> dict:
+    """"full": every DAG, the race shapes included. "ordinary": no race DAG and no stale scheduler, so
+    the guard keeps nothing and changes no outcome: what is left between variants is what its
+    triggers cost (with "full", a kept task runs to its end where `none` stops it: more work)."""
+    if name not in ("full", "ordinary"):
+        raise ValueError(f"unknown load {name!r}: use full or ordinary")
+    return {d: n for d, n in LOAD.items() if name == "full" or d not in RACE_DAGS}
+
+
+def run_production(version: str, backend: str, admin_url: str, variants, seconds: float, workdir: Path, load: str = "full") -> dict:
     started = time.monotonic()
-    result = {"version": version, "backend": backend, "variants": [], "seconds_per_variant": seconds, "timings": {}, "restarts": []}
+    result = {"version": version, "backend": backend, "load": load, "variants": [], "seconds_per_variant": seconds, "timings": {}, "restarts": []}
     dep = None
     broker = None
     try:
@@ -385,14 +442,14 @@ def run_production(version: str, backend: str, admin_url: str, variants, seconds
         broker = redis_db(python, "claim")
         prof = profile(broker)
         result["profile"] = {"executor": prof.executor, "schedulers": prof.schedulers, "workers": prof.workers,
-                             "worker_concurrency": prof.worker_concurrency, "broker": prof.broker_url, "load": LOAD}
+                             "worker_concurrency": prof.worker_concurrency, "broker": prof.broker_url, "load": loads(load)}
         dep = Deployment(version, backend, admin_url, workdir, prof)
         dep.start(result["timings"], prepare=install_observer)
         result["server"] = dep.server
         result["components"] = list(dep.components)
-        stale = tuple(int(x) for x in version.split(".")[:2]) < (3, 3)
+        stale = load == "full" and tuple(int(x) for x in version.split(".")[:2]) < (3, 3)
         for index, variant in enumerate(variants, 1):
-            result["variants"].append(run_variant(dep, variant, index, seconds, stale))
+            result["variants"].append(run_variant(dep, variant, index, seconds, stale, loads(load)))
     except Exception as exc:
         import traceback
         result["error"] = f"{exc.__class__.__name__}: {exc}"
@@ -414,7 +471,7 @@ def run_production(version: str, backend: str, admin_url: str, variants, seconds
     return result
 
 
-def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale: bool) -> dict:
+def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale: bool, load: dict) -> dict:
     tag = f"[production {dep.version} {dep.backend}]"
     out = {"variant": variant, "index": index, "restarted_before": dep.restart_dead(f"before variant {variant} #{index}")}
     out["guard"] = dep.switch_guard(variant)
@@ -423,11 +480,13 @@ def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale
     deadlocks_before = pg_deadlocks(dep)
     prefix = f"pb-{variant}{index}-{uuid.uuid4().hex[:6]}-"
     say(f"{tag} variant {variant} #{index}: {out['guard']['command']} -> rc {out['guard']['rc']}; {seconds:.0f} s of load ({prefix})")
-    workload = Workload(dep, prefix, stale)
+    workload = Workload(dep, prefix, stale, load)
+    cpu_before = cpu_seconds(dep)
     since = now_utc()
     workload.start()
     time.sleep(seconds)
     until = now_utc()
+    cpu = {k: round(n - cpu_before[k], 1) for k, n in cpu_seconds(dep).items()}
     workload.stop()
     drained = time.monotonic()
     try:
@@ -444,6 +503,8 @@ def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale
     out["stale_writes"] = workload.stale_writes
     out["window_seconds"] = round((until - since).total_seconds(), 1)
     out["throughput"] = throughput(dep, prefix, since, until)
+    finished = out["throughput"]["tis_finished"]
+    out["cpu"] = {"seconds": cpu, "ms_per_ti": {k: round(1000 * n / finished, 1) if finished else None for k, n in cpu.items()}}
     out["delay"] = scheduling_delays(dep, prefix)
     out["outcomes"] = outcomes(dep, prefix)
     out["kills"] = kills(dep, run_ids)
@@ -454,7 +515,7 @@ def run_variant(dep: Deployment, variant: str, index: int, seconds: float, stale
     out["log_errors"] = log_errors(dep, offsets)
     after = pg_deadlocks(dep)
     out["pg_deadlocks"] = None if after is None else after - deadlocks_before
-    say(f"{tag} variant {variant} #{index}: {out['throughput']}, delay {out['delay']}, kills "
+    say(f"{tag} variant {variant} #{index}: {out['throughput']}, delay {out['delay']}, CPU ms/TI {out['cpu']['ms_per_ti']}, kills "
         f"{Counter((k['route'], k['current_state']) for k in out['kills'])}, recorded {out['recorded']}, "
         f"exited {out['exited'] or 'none'}, errors {sorted(out['log_errors']) or 'none'}")
     return out
