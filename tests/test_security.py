@@ -129,6 +129,20 @@ _TEMP_RECORD = (
 )
 
 
+def _plant_operator(engine, attacker: str, op: str, left: str, right: str, returns: str, result: str) -> None:
+    """As the attacker: `public.<op>(left, right)`, which returns `result` and, run by a role that may,
+    makes the attacker superuser (public is open to CREATE: PostgreSQL 13/14's default)."""
+    fn = f"public.evil_{left}_{right}"
+    with engine.connect() as conn:
+        run_sql(
+            conn,
+            f"CREATE FUNCTION {fn}({left}, {right}) RETURNS {returns} LANGUAGE plpgsql AS $$ BEGIN "
+            f"EXECUTE format('ALTER ROLE %I SUPERUSER', '{attacker}'); RETURN {result}; "
+            f"EXCEPTION WHEN insufficient_privilege THEN RETURN {result}; END $$",
+        )
+        run_sql(conn, f"CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {fn})")
+
+
 def _temp_record_with_evil_trigger(conn, attacker: str) -> None:
     for statement in _TEMP_RECORD:
         run_sql(conn, statement)
@@ -208,13 +222,7 @@ def test_pg_an_operator_in_a_schema_others_can_create_in_is_never_used(pg_db, ve
     table = pg_db.table()
     pg_db.sql("GRANT CREATE ON SCHEMA public TO PUBLIC")
     with _pg_role(pg_db) as (attacker, engine):
-        with engine.connect() as conn:
-            run_sql(conn, 
-                "CREATE FUNCTION public.evil_mod(bigint, integer) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
-                f"EXECUTE format('ALTER ROLE %I SUPERUSER', '{attacker}'); RETURN mod($1, $2::bigint); "
-                "EXCEPTION WHEN insufficient_privilege THEN RETURN mod($1, $2::bigint); END $$"
-            )
-            run_sql(conn, "CREATE OPERATOR public.% (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = public.evil_mod)")
+        _plant_operator(engine, attacker, "%", "bigint", "integer", "bigint", "mod($1, $2::bigint)")
         _install(pg_db, version)
         _seed(pg_db, table)
         with pg_db.engine.begin() as conn:  # an ordinary refusal, by another account (here the owner)
@@ -230,14 +238,7 @@ def test_pg_an_equality_operator_planted_before_install_is_not_bound_into_the_tr
     table = pg_db.table()
     pg_db.sql("GRANT CREATE ON SCHEMA public TO PUBLIC")
     with _pg_role(pg_db) as (attacker, engine):
-        with engine.connect() as conn:
-            run_sql(
-                conn,
-                "CREATE FUNCTION public.evil_eq(varchar, varchar) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
-                f"EXECUTE format('ALTER ROLE %I SUPERUSER', '{attacker}'); RETURN $1::text = $2::text; "
-                "EXCEPTION WHEN insufficient_privilege THEN RETURN $1::text = $2::text; END $$",
-            )
-            run_sql(conn, "CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.evil_eq)")
+        _plant_operator(engine, attacker, "=", "varchar", "varchar", "boolean", "$1::text = $2::text")
         _install(pg_db, version)
         _seed(pg_db, table)
         with pg_db.engine.begin() as conn:  # the racy route, its ids compared as text (no varchar = varchar of its own)
@@ -255,14 +256,7 @@ def test_pg_an_equality_operator_for_the_duration_test_planted_before_install_is
     table = pg_db.table()
     pg_db.sql("GRANT CREATE ON SCHEMA public TO PUBLIC")
     with _pg_role(pg_db) as (attacker, engine):
-        with engine.connect() as conn:
-            run_sql(
-                conn,
-                "CREATE FUNCTION public.evil_eq(float8, integer) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
-                f"EXECUTE format('ALTER ROLE %I SUPERUSER', '{attacker}'); RETURN $1 = $2::float8; "
-                "EXCEPTION WHEN insufficient_privilege THEN RETURN $1 = $2::float8; END $$",
-            )
-            run_sql(conn, "CREATE OPERATOR public.= (LEFTARG = float8, RIGHTARG = integer, FUNCTION = public.evil_eq)")
+        _plant_operator(engine, attacker, "=", "float8", "integer", "boolean", "$1 = $2::float8")
         _install(pg_db, version)
         _seed(pg_db, table)
         with pg_db.engine.begin() as conn:  # a finished task has a duration, so the test reaches the operator

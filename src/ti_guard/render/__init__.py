@@ -133,8 +133,9 @@ SIGNATURE_COLUMN[STAMPS_START_AND_DURATION] = "start_date"
 
 def duration_test(signature: str, columns, same: str, zero: str = "0") -> str | None:
     """The value half that tells the two start_date stampers apart: the racy routes leave duration
-    as it was, `TaskInstance.set_state` writes it (0 on a copy without a start). None where it does not apply (a table without
-    duration can have only the racy rule: stale_set_state_skip reads duration, policy.SIGNATURE_NEEDS)."""
+    as it was, `TaskInstance.set_state` writes it (0 on a copy without a start). `zero` is the
+    backend's literal for 0 as a duration. None where it does not apply (a table without duration
+    can have only the racy rule: stale_set_state_skip reads duration, policy.SIGNATURE_NEEDS)."""
     if columns is not None and "duration" not in columns:
         return None
     # set_state on a copy with no start_date writes duration = end - start = 0. A row whose duration
